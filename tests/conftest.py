@@ -1,0 +1,130 @@
+"""Shared fixtures: hermetic environment, SQLite and PostgreSQL marts, LiteLLM global-state restore."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+# Offline price map for every litellm import in the test process and its children.
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+
+POSTGRES_URL = os.environ.get("TIDYLLM_TEST_POSTGRES_URL")
+REQUIRE_POSTGRES = os.environ.get("TIDYLLM_REQUIRE_POSTGRES") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No user home, no stray settings file, no inherited tidyllm variables."""
+    for var in list(os.environ):
+        if var.startswith("TIDYLLM_") and var not in ("TIDYLLM_TEST_POSTGRES_URL", "TIDYLLM_REQUIRE_POSTGRES"):
+            monkeypatch.delenv(var)
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    monkeypatch.setenv("TIDYLLM_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    yield
+
+
+_LITELLM_LISTS = ("callbacks", "success_callback", "failure_callback", "_async_success_callback",
+                  "_async_failure_callback", "input_callback", "service_callback", "custom_provider_map")
+
+
+@pytest.fixture(autouse=True)
+def _restore_litellm() -> Iterator[None]:
+    """Put LiteLLM's process-global callback lists, provider map and price map back after each test."""
+    litellm = sys.modules.get("litellm")
+    saved: dict[str, Any] = {}
+    if litellm is not None:
+        saved = {name: list(getattr(litellm, name)) for name in _LITELLM_LISTS if hasattr(litellm, name)}
+        saved_cost = dict(litellm.model_cost)
+    yield
+    litellm = sys.modules.get("litellm")
+    if litellm is None:
+        return
+    if not saved:  # litellm was first imported during this test: start from empty lists
+        saved = {name: [] for name in _LITELLM_LISTS if hasattr(litellm, name)}
+        saved_cost = None
+    manager = getattr(litellm, "logging_callback_manager", None)
+    for name, before in saved.items():
+        current = getattr(litellm, name)
+        for item in list(current):
+            if item not in before and manager is not None and not isinstance(item, str):
+                try:
+                    manager.remove_callback_from_all_lists(item)
+                except Exception:  # noqa: BLE001 - best effort; the list reset below is authoritative
+                    pass
+        current[:] = before
+    if saved_cost is not None:
+        litellm.model_cost.clear()
+        litellm.model_cost.update(saved_cost)
+    try:
+        from litellm.utils import custom_llm_setup
+
+        custom_llm_setup()
+    except Exception:  # noqa: BLE001 - older/newer litellm without it
+        pass
+
+
+def _new_postgres_database() -> str:
+    import psycopg
+    import sqlalchemy as sa
+
+    base = sa.engine.make_url(POSTGRES_URL)
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = base.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_postgres_database(url: str) -> None:
+    import psycopg
+    import sqlalchemy as sa
+
+    target = sa.engine.make_url(url)
+    admin = sa.engine.make_url(POSTGRES_URL).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{target.database}" WITH (FORCE)')
+
+
+def postgres_url_or_skip() -> str:
+    """A fresh PostgreSQL database URL; skips locally without a server, fails in CI."""
+    if not POSTGRES_URL:
+        if REQUIRE_POSTGRES:
+            pytest.fail("TIDYLLM_REQUIRE_POSTGRES=1 but TIDYLLM_TEST_POSTGRES_URL is not set")
+        pytest.skip("no PostgreSQL server: set TIDYLLM_TEST_POSTGRES_URL (.ci/postgres.sh starts one)")
+    return _new_postgres_database()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    url = postgres_url_or_skip()
+    yield url
+    _drop_postgres_database(url)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The same test on a SQLite file and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'mart.db'}"
+        return
+    url = postgres_url_or_skip()
+    yield url
+    _drop_postgres_database(url)
+
+
+@pytest.fixture
+def mart(db_url: str) -> Iterator[Any]:
+    """A TidyMart on SQLite and on PostgreSQL."""
+    from tidyllm.mart import TidyMart
+
+    m = TidyMart(db_url)
+    yield m
+    m.close()

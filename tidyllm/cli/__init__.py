@@ -1,0 +1,47 @@
+"""The ``tidyllm`` command: a thin shell over the library.
+
+Each subcommand group lives in its own module and is attached here; errors from the library
+(:class:`tidyllm.errors.TidyLLMError`) become one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from tidyllm.errors import TidyLLMError
+
+# (module, attribute) of each subcommand; imported only when the command runs or --help lists it,
+# so `tidyllm --help` stays fast.
+_COMMANDS = {
+    "db": ("tidyllm.cli.db", "db"),
+    "gateway": ("tidyllm.cli.gateway", "gateway"),
+    "simulate": ("tidyllm.cli.simulate", "simulate"),
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in _COMMANDS:
+            return None
+        module, attr = _COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TidyLLMError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tidyllm")
+def main() -> None:
+    """tidyllm: governed, audited, self-optimising LLM calls over LiteLLM and MLflow AI Gateway."""

@@ -1,0 +1,269 @@
+"""The mart's tables: declared once here, changed only through migrations (``tidyllm/mart/migrations``).
+
+The schema is public API: platform teams read these tables with pandas and SQL. Every column has a
+comment saying why it exists; ``docs/schema.md`` is generated from this module.
+Ids are UUID strings, timestamps are UTC, free-form context is JSON.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+_ts = DateTime(timezone=True)
+
+executions = Table(
+    "executions",
+    metadata,
+    Column("id", String(36), primary_key=True, comment="UUID of the tracked execution"),
+    Column("module", String(100), nullable=False, comment="subsystem that ran it, e.g. 'gateway' or 'workflow'"),
+    Column("operation", String(200), nullable=False, comment="what it did, e.g. 'mlflow_query'"),
+    Column("context", JSON, nullable=False, comment="caller context (department, route, ...) as given"),
+    Column("status", String(20), nullable=False, comment="running, success or error"),
+    Column("started_at", _ts, nullable=False, comment="UTC start of the block"),
+    Column("ended_at", _ts, comment="UTC end of the block; NULL while running"),
+    Column("duration_ms", Float, comment="wall time of the block"),
+    Column("result", JSON, comment="what record_result() stored"),
+    Column("error_type", String(200), comment="exception class when the block raised"),
+    Column("error_message", Text, comment="exception message when the block raised"),
+    comment="One row per track_execution() block.",
+)
+Index("ix_executions_module_started", executions.c.module, executions.c.started_at)
+
+execution_steps = Table(
+    "execution_steps",
+    metadata,
+    Column("id", String(36), primary_key=True, comment="UUID of the step"),
+    Column("execution_id", String(36), ForeignKey("executions.id", ondelete="CASCADE"), nullable=False,
+           comment="the execution this step belongs to"),
+    Column("seq", Integer, nullable=False, comment="order of the step within its execution, from 0"),
+    Column("name", String(200), nullable=False, comment="step name given to record_step()"),
+    Column("data", JSON, nullable=False, comment="step payload given to record_step()"),
+    Column("recorded_at", _ts, nullable=False, comment="UTC time record_step() was called"),
+    comment="Steps recorded inside a tracked execution.",
+)
+Index("ix_execution_steps_execution", execution_steps.c.execution_id, execution_steps.c.seq)
+
+outcomes = Table(
+    "outcomes",
+    metadata,
+    Column("id", String(36), primary_key=True, comment="UUID of the outcome"),
+    Column("recorded_at", _ts, nullable=False, comment="UTC time it was learned"),
+    Column("module", String(100), nullable=False, comment="subsystem the outcome is about"),
+    Column("operation", String(200), comment="operation the outcome is about"),
+    Column("context", JSON, nullable=False, comment="context keys the outcome applies to (department, use_case, ...)"),
+    Column("parameters", JSON, nullable=False, comment="the configuration that produced it (route, model, ...)"),
+    Column("performance_score", Float, comment="score in [0, 1]; higher is better"),
+    Column("call_id", String(64), comment="LLM call this outcome scores, when it is feedback on one call"),
+    Column("data", JSON, nullable=False, comment="every other field given to learn_from_execution()"),
+    comment="Learned outcomes: what configuration scored how well in which context.",
+)
+Index("ix_outcomes_module", outcomes.c.module, outcomes.c.recorded_at)
+Index("ix_outcomes_call", outcomes.c.call_id)
+
+# --- governance, calls and routing (migration 0002) -------------------------------------------
+
+llm_calls = Table(
+    "llm_calls",
+    metadata,
+    Column("id", String(64), primary_key=True, comment="LiteLLM call id (litellm_call_id)"),
+    Column("started_at", _ts, nullable=False, comment="UTC time the governed call started"),
+    Column("ended_at", _ts, comment="UTC time it ended"),
+    Column("call_type", String(40), nullable=False, comment="completion, acompletion, embedding, ..."),
+    Column("user_id", String(200), comment="who asked"),
+    Column("department", String(200), comment="whose budget it spends"),
+    Column("use_case", String(200), comment="what for (qa, summarise, ...)"),
+    Column("data_sensitivity", String(50), comment="sensitivity class of the request's data"),
+    Column("requested_model", String(300), comment="model or group the caller asked for"),
+    Column("route", String(300), comment="gateway endpoint / deployment that served it"),
+    Column("provider_model", String(300), comment="upstream model name the provider reported"),
+    Column("status", String(20), nullable=False,
+           comment="success, failure, refused, or unenforced (plain sync call that bypassed enforcement)"),
+    Column("stream", Boolean, nullable=False, default=False, comment="whether the call streamed"),
+    Column("prompt_tokens", Integer, comment="input tokens reported by the provider"),
+    Column("completion_tokens", Integer, comment="output tokens reported by the provider"),
+    Column("cached_tokens", Integer, comment="input tokens served from the provider's cache, when reported"),
+    Column("reasoning_tokens", Integer, comment="reasoning tokens, when reported"),
+    Column("cost_usd", Float, comment="exact cost at the price version used"),
+    Column("reserved_usd", Float, comment="worst-case amount reserved before the call"),
+    Column("price_id", String(36), comment="prices.id of the price version used"),
+    Column("latency_ms", Float, comment="end-to-end latency"),
+    Column("error_type", String(200), comment="exception class on failure or refusal"),
+    Column("error_message", Text, comment="exception message (secrets redacted)"),
+    Column("outcome", String(20), comment="stream outcome: completed, abandoned or failed"),
+    comment="One row per governed LLM call attempt.",
+)
+Index("ix_llm_calls_dept_started", llm_calls.c.department, llm_calls.c.started_at)
+Index("ix_llm_calls_route", llm_calls.c.route, llm_calls.c.started_at)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True,
+           comment="position in the hash chain"),
+    Column("id", String(36), nullable=False, unique=True, comment="UUID of the audit row"),
+    Column("call_id", String(64), comment="llm_calls.id"),
+    Column("recorded_at", _ts, nullable=False, comment="UTC time the row was written"),
+    Column("user_id", String(200), comment="who asked"),
+    Column("department", String(200), comment="department charged"),
+    Column("audit_reason", Text, comment="why the caller said they made the call"),
+    Column("use_case", String(200), comment="use case"),
+    Column("data_sensitivity", String(50), comment="sensitivity class"),
+    Column("requested_model", String(300), comment="model or group requested"),
+    Column("route", String(300), comment="endpoint that served it"),
+    Column("decision", String(20), nullable=False, comment="allowed, refused or unenforced"),
+    Column("rule", String(300), comment="the rule that refused it (budget scope, authorisation rule, ...)"),
+    Column("status", String(20), nullable=False, comment="success, failure, refused, unenforced"),
+    Column("prompt_tokens", Integer, comment="input tokens"),
+    Column("completion_tokens", Integer, comment="output tokens"),
+    Column("cost_usd", Float, comment="exact cost"),
+    Column("latency_ms", Float, comment="latency"),
+    Column("error", Text, comment="error class and message (secrets redacted)"),
+    Column("content_hash", String(64), comment="SHA-256 of the request messages (capture=hash or full)"),
+    Column("content", JSON, comment="the request messages (capture=full only)"),
+    Column("tools", JSON, comment="names of tools offered or called (never argument values unless capture=full)"),
+    Column("trace_id", String(100), comment="MLflow trace id when the server gateway traced the call"),
+    Column("extra", JSON, comment="other facts (stream outcome, price version, ...)"),
+    Column("prev_digest", String(64), nullable=False, comment="digest of the previous row (chain link)"),
+    Column("digest", String(64), nullable=False, comment="SHA-256 over this row's canonical content and prev_digest"),
+    comment="Append-only, hash-chained audit trail: one row per governed call.",
+)
+
+budgets = Table(
+    "budgets",
+    metadata,
+    Column("id", String(36), primary_key=True, comment="UUID of the budget"),
+    Column("scope", String(20), nullable=False, comment="org, department, user, route or model"),
+    Column("name", String(300), nullable=False, comment="which org/department/user/route/model"),
+    Column("period", String(10), nullable=False, comment="day, week, month or total"),
+    Column("limit_usd", Float, nullable=False, comment="hard cap per period"),
+    Column("soft_threshold", Float, comment="fraction of the limit that triggers a warning event"),
+    Column("created_at", _ts, nullable=False, comment="UTC creation time"),
+    Column("updated_at", _ts, nullable=False, comment="UTC time of the last change"),
+    UniqueConstraint("scope", "name", "period", name="uq_budgets_scope_name_period"),
+    comment="Hard budgets per scope and period.",
+)
+
+budget_windows = Table(
+    "budget_windows",
+    metadata,
+    Column("budget_id", String(36), ForeignKey("budgets.id", ondelete="CASCADE"), primary_key=True,
+           comment="the budget"),
+    Column("window_start", _ts, primary_key=True, comment="UTC start of the period window"),
+    Column("spent_usd", Float, nullable=False, default=0.0, comment="settled spend in the window"),
+    Column("reserved_usd", Float, nullable=False, default=0.0, comment="open reservations in the window"),
+    Column("warned", Boolean, nullable=False, default=False, comment="soft-threshold warning already recorded"),
+    comment="Running totals of a budget in one period window; the row reservations lock.",
+)
+
+reservations = Table(
+    "reservations",
+    metadata,
+    Column("id", String(36), primary_key=True, comment="UUID of the reservation (lease)"),
+    Column("call_id", String(64), nullable=False, comment="llm_calls.id it pays for"),
+    Column("amount_usd", Float, nullable=False, comment="worst-case amount held"),
+    Column("windows", JSON, nullable=False, comment="[[budget_id, window_start], ...] it is held against"),
+    Column("created_at", _ts, nullable=False, comment="UTC time reserved"),
+    Column("expires_at", _ts, nullable=False, comment="lease end: after it the amount returns"),
+    Column("status", String(20), nullable=False, comment="open, settled, released or expired"),
+    Column("settled_usd", Float, comment="actual cost charged at settlement"),
+    Column("closed_at", _ts, comment="UTC time it was settled/released/expired"),
+    comment="Reserve-then-settle leases against budget windows.",
+)
+Index("ix_reservations_open", reservations.c.status, reservations.c.expires_at)
+Index("ix_reservations_call", reservations.c.call_id)
+
+budget_events = Table(
+    "budget_events",
+    metadata,
+    Column("id", String(36), primary_key=True, comment="UUID of the event"),
+    Column("at", _ts, nullable=False, comment="UTC time"),
+    Column("budget_id", String(36), comment="budget concerned"),
+    Column("kind", String(30), nullable=False, comment="soft_threshold, refused, expired_lease, clamped"),
+    Column("data", JSON, nullable=False, comment="numbers at the time (spent, reserved, limit, call id)"),
+    comment="Budget warnings and notable events.",
+)
+
+prices = Table(
+    "prices",
+    metadata,
+    Column("id", String(36), primary_key=True, comment="UUID of the price version"),
+    Column("model", String(300), nullable=False, comment="endpoint or model name the price applies to"),
+    Column("input_per_1m", Float, nullable=False, comment="USD per 1M input tokens"),
+    Column("output_per_1m", Float, nullable=False, comment="USD per 1M output tokens"),
+    Column("effective_from", _ts, nullable=False, comment="UTC time from which this price applies"),
+    Column("source", String(50), nullable=False, comment="config, api, litellm"),
+    Column("created_at", _ts, nullable=False, comment="UTC time registered"),
+    UniqueConstraint("model", "effective_from", name="uq_prices_model_effective"),
+    comment="Effective-dated prices per endpoint or model.",
+)
+
+routing_decisions = Table(
+    "routing_decisions",
+    metadata,
+    Column("id", String(36), primary_key=True, comment="UUID of the decision"),
+    Column("call_id", String(64), comment="llm_calls.id of the call routed"),
+    Column("decided_at", _ts, nullable=False, comment="UTC time of the decision"),
+    Column("department", String(200), comment="department (for per-department analysis)"),
+    Column("use_case", String(200), comment="use case"),
+    Column("model_group", String(300), comment="requested model group"),
+    Column("context", JSON, nullable=False, comment="features the bandit saw"),
+    Column("candidates", JSON, nullable=False, comment="authorised, healthy, affordable routes offered"),
+    Column("route", String(300), nullable=False, comment="route chosen"),
+    Column("propensity", Float, nullable=False, comment="probability the route was chosen with"),
+    Column("explored", Boolean, nullable=False, default=False, comment="the pick was not the greedy one"),
+    Column("policy", String(50), nullable=False, comment="bandit, cheapest, fixed"),
+    Column("model_version", Integer, nullable=False, default=0, comment="bandit updates seen when deciding"),
+    Column("reward", Float, comment="reward in [0, 1] once known"),
+    Column("quality", Float, comment="quality score in [0, 1] once known"),
+    Column("cost_usd", Float, comment="cost of the call"),
+    Column("latency_ms", Float, comment="latency of the call"),
+    Column("failed", Boolean, comment="the call failed at the provider"),
+    Column("rewarded_at", _ts, comment="UTC time the reward was recorded"),
+    comment="One row per routing decision, with its propensity and later its reward.",
+)
+Index("ix_routing_decisions_decided", routing_decisions.c.decided_at)
+Index("ix_routing_decisions_call", routing_decisions.c.call_id)
+
+bandit_state = Table(
+    "bandit_state",
+    metadata,
+    Column("name", String(100), primary_key=True, comment="which bandit (one per platform)"),
+    Column("version", Integer, nullable=False, comment="updates folded into the state"),
+    Column("updated_at", _ts, nullable=False, comment="UTC time saved"),
+    Column("last_decision_at", _ts, comment="rewarded decisions up to this time are folded in"),
+    Column("state", JSON, nullable=False, comment="the estimator's learned state"),
+    comment="Snapshot of the learned router state, restored at start-up.",
+)
+
+rate_events = Table(
+    "rate_events",
+    metadata,
+    Column("id", String(36), primary_key=True, comment="UUID"),
+    Column("at", _ts, nullable=False, comment="UTC time of the admitted call"),
+    Column("user_id", String(200), comment="caller"),
+    Column("department", String(200), comment="department"),
+    Column("route", String(300), comment="route or requested model"),
+    Column("tokens", Integer, nullable=False, comment="worst-case tokens admitted"),
+    comment="Admitted calls in the last minute, for requests- and tokens-per-minute limits.",
+)
+Index("ix_rate_events_at", rate_events.c.at)
+
+#: tables created by each migration, for ``frame()`` and the docs
+TABLES = {t.name: t for t in metadata.sorted_tables}

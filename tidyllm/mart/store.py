@@ -1,0 +1,234 @@
+"""Opening a mart database: engines, SQLite pragmas, transactions, schema version and migrations.
+
+SQLAlchemy is used for writes and migrations; bulk reads go through Arrow (see ``frames``).
+One transaction helper (:meth:`Store.begin`) translates driver errors into
+:class:`~tidyllm.errors.StorageError` once, where they enter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from tidyllm.errors import ConfigurationError, SchemaVersionError, StorageError
+from tidyllm.mart.schema import metadata
+
+__all__ = ["Store", "HEAD_REVISION", "utcnow", "dumps"]
+
+#: the newest migration this code knows; a database stamped with anything else is older or newer
+HEAD_REVISION = "0002"
+_REVISIONS = ("0001", "0002")
+
+
+def utcnow() -> dt.datetime:
+    """The current time, timezone-aware UTC."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+def dumps(value: Any) -> str:
+    """JSON-encode ``value`` the way the mart stores JSON columns (unknown types become strings)."""
+    return json.dumps(value, default=_default, separators=(",", ":"), sort_keys=False)
+
+
+class Store:
+    """A database connection pool plus the schema-version check. Thread-safe; one per process and URL."""
+
+    def __init__(self, url: str, *, upgrade: bool = True, echo: bool = False) -> None:
+        self.url = url
+        self._created_dirs: list[Path] = []
+        self.engine = self._make_engine(url, echo)
+        self.dialect = self.engine.dialect.name
+        try:
+            self._ensure_schema(upgrade)
+        except BaseException:
+            self.engine.dispose()
+            self._remove_created_dirs()
+            raise
+
+    # --- engine -------------------------------------------------------------------------------
+
+    def _make_engine(self, url: str, echo: bool) -> Engine:
+        try:
+            parsed = sa.engine.make_url(url)
+        except sa.exc.ArgumentError as exc:
+            raise ConfigurationError(
+                f"database_url {url!r} is not a database URL; use e.g. 'sqlite:///path/tidyllm.db' or "
+                "'postgresql+psycopg://user:pass@host:5432/db'") from exc
+        backend = parsed.get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            raise ConfigurationError(f"database_url uses {backend!r}; tidyllm supports sqlite and postgresql")
+        kwargs: dict[str, Any] = {"echo": echo, "json_serializer": dumps, "future": True}
+        if backend == "sqlite":
+            if parsed.database in (None, "", ":memory:"):
+                raise ConfigurationError(
+                    "an in-memory SQLite mart cannot be shared between connections; give a file path "
+                    "(e.g. 'sqlite:///tidyllm.db')")
+            self._prepare_sqlite_path(Path(parsed.database))
+            kwargs["connect_args"] = {"timeout": 60, "check_same_thread": False}
+        else:
+            if parsed.drivername == "postgresql":
+                parsed = parsed.set(drivername="postgresql+psycopg")
+            kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
+        try:
+            engine = sa.create_engine(parsed, **kwargs)
+        except (sa.exc.NoSuchModuleError, ModuleNotFoundError) as exc:
+            raise ConfigurationError(
+                f"the database driver for {parsed.drivername!r} is not installed; for PostgreSQL install "
+                "tidyllm[postgres]") from exc
+        if backend == "sqlite":
+            _configure_sqlite(engine)
+        return engine
+
+    def _prepare_sqlite_path(self, path: Path) -> None:
+        parent = path.expanduser().resolve().parent
+        missing = []
+        probe = parent
+        while not probe.exists():
+            missing.append(probe)
+            probe = probe.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the folder {parent} for the mart: {exc.strerror}; "
+                               "choose another database_url or fix the permissions") from exc
+        self._created_dirs = sorted(missing, key=lambda p: len(p.parts))
+        if not os.access(parent, os.W_OK):
+            raise StorageError(f"the folder {parent} is not writable; choose another database_url "
+                               "(TIDYLLM_DATABASE_URL) or fix the permissions")
+
+    def _remove_created_dirs(self) -> None:
+        for folder in self._created_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
+            break  # the outermost created folder holds the rest
+
+    # --- transactions -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def begin(self, *, write: bool = False) -> Iterator[Connection]:
+        """A transaction. ``write=True`` takes SQLite's write lock up front (``BEGIN IMMEDIATE``), so a
+        read-then-write sequence cannot deadlock or be overtaken by another writer."""
+        try:
+            with self.engine.connect() as conn:
+                if write and self.dialect == "sqlite":
+                    conn = conn.execution_options(sqlite_immediate=True)
+                with conn.begin():
+                    yield conn
+        except sa.exc.OperationalError as exc:
+            raise StorageError(f"database error on {self.safe_url}: {exc.orig}") from exc
+        except sa.exc.DBAPIError as exc:
+            raise StorageError(f"database error on {self.safe_url}: {exc.orig}") from exc
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with any password hidden, for messages and logs."""
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+
+    def lock_for_update(self, conn: Connection) -> None:
+        """Serialise writers across processes for the rest of ``conn``'s transaction (PostgreSQL advisory lock).
+
+        SQLite needs nothing: ``begin(write=True)`` already holds the database write lock."""
+        if self.dialect == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7412390001)"))
+
+    # --- schema -------------------------------------------------------------------------------
+
+    def current_revision(self, conn: Connection | None = None) -> str | None:
+        """The migration the database is at, or None for a database tidyllm has not touched."""
+        def read(c: Connection) -> str | None:
+            if not sa.inspect(c).has_table("alembic_version"):
+                return None
+            return c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+        if conn is not None:
+            return read(conn)
+        with self.engine.connect() as c:
+            return read(c)
+
+    def _ensure_schema(self, upgrade: bool) -> None:
+        try:
+            revision = self.current_revision()
+        except sa.exc.DBAPIError as exc:
+            raise StorageError(f"cannot open the mart at {self.safe_url}: {exc.orig}") from exc
+        if revision == HEAD_REVISION:
+            return
+        self._check_revision(revision)
+        if revision is not None and not upgrade:
+            raise SchemaVersionError(
+                f"the mart at {self.safe_url} is at schema {revision}, this tidyllm needs {HEAD_REVISION}; "
+                "run `tidyllm db upgrade`")
+        self.upgrade()
+
+    def _check_revision(self, revision: str | None) -> None:
+        if revision is None:
+            with self.engine.connect() as conn:
+                foreign = set(sa.inspect(conn).get_table_names()) & set(metadata.tables)
+            if foreign:
+                raise StorageError(
+                    f"the database at {self.safe_url} has tables named like tidyllm's ({', '.join(sorted(foreign))}) "
+                    "but no tidyllm schema version: it is not a tidyllm mart; point database_url elsewhere")
+        elif revision not in _REVISIONS:
+            raise SchemaVersionError(
+                f"the mart at {self.safe_url} is at schema {revision!r}, newer than this tidyllm knows "
+                f"({HEAD_REVISION}); upgrade tidyllm (pip install -U tidyllm)")
+
+    def upgrade(self) -> str:
+        """Bring the schema to the newest revision (idempotent, safe with concurrent openers). Returns it."""
+        from alembic import command
+        from alembic.config import Config
+
+        with self.begin(write=True) as conn:
+            self.lock_for_update(conn)
+            revision = self.current_revision(conn)
+            self._check_revision(revision)
+            if revision != HEAD_REVISION:
+                cfg = Config()
+                cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        return HEAD_REVISION
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+
+_local = threading.local()
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin (the documented recipe),
+        # so BEGIN IMMEDIATE can take the write lock up front.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get("sqlite_immediate")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

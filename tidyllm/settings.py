@@ -1,0 +1,308 @@
+"""One settings object: ``tidyllm.yaml`` + ``TIDYLLM_*`` environment + explicit arguments.
+
+Precedence: explicit keyword arguments > environment variables > the file > defaults.
+Only the boundaries (``install()``, ``get_tidymart()``, the CLI, the magics) call
+:func:`load_settings`; library objects take their configuration as constructor arguments.
+
+The file is found as: the ``config`` argument, else ``$TIDYLLM_CONFIG``, else ``./tidyllm.yaml``
+when it exists. Sections (``defaults``, ``governance``, ``audit``, ``routing``, ``budgets``,
+``authorization``, ``prices``, ``rate_limits``) are validated here, so a bad file is reported
+with the file, the key and what is allowed before anything is opened or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from tidyllm.errors import ConfigurationError
+
+__all__ = ["Settings", "load_settings", "default_database_url", "SENSITIVITY_CLASSES"]
+
+#: the data-sensitivity classes understood by default, least to most sensitive
+SENSITIVITY_CLASSES = ("public", "internal", "confidential", "restricted")
+
+_DEFAULTS_KEYS = ("user_id", "department", "audit_reason", "use_case", "data_sensitivity")
+
+
+def default_database_url() -> str:
+    """The default mart: ``tidyllm.db`` in ``$TIDYLLM_HOME`` or ``$XDG_DATA_HOME/tidyllm`` or ``~/.local/share/tidyllm``."""
+    home = os.environ.get("TIDYLLM_HOME")
+    if home:
+        base = Path(home)
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "tidyllm"
+    return f"sqlite:///{base / 'tidyllm.db'}"
+
+
+@dataclass(frozen=True)
+class GovernanceSettings:
+    """Knobs of the governance layer (budgets, authorisation, leases)."""
+
+    #: refuse a call that carries no ``audit_reason``
+    require_audit: bool = False
+    #: time zone in which budget periods (day/week/month) start
+    timezone: str = "UTC"
+    #: allowed ``data_sensitivity`` values, least to most sensitive
+    sensitivity_classes: tuple[str, ...] = SENSITIVITY_CLASSES
+    #: what to do with a budgeted call to a model without a price: "refuse" (fail closed) or "allow"
+    unpriced: str = "refuse"
+    #: per-department override of ``unpriced``
+    unpriced_by_department: Mapping[str, str] = field(default_factory=dict)
+    #: output tokens assumed for the worst case when the caller sets no ``max_tokens``
+    default_max_tokens: int = 1024
+    #: seconds a reservation lives before it expires (its process presumably died)
+    lease_ttl_seconds: float = 300.0
+    #: fraction of a limit at which a soft warning is logged and recorded
+    soft_threshold: float = 0.8
+    #: refuse calls whose model is not a configured gateway endpoint
+    gateway_only: bool = False
+    #: allow ``mock_response`` calls when ``gateway_only`` is on (tests and demos)
+    allow_mock: bool = True
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """How much of each request the audit trail keeps."""
+
+    #: "none" (no content), "hash" (SHA-256 of the messages) or "full" (the messages)
+    capture: str = "hash"
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    """Knobs of the learning router."""
+
+    #: "bandit" (learned) or "cheapest" (cheapest healthy, authorised, affordable endpoint)
+    strategy: str = "bandit"
+    #: minimum probability mass spread over all candidates (exploration floor)
+    exploration_floor: float = 0.05
+    #: per-decision discount of past evidence (1.0 = never forget)
+    discount: float = 0.995
+    #: cap on the share of a department's traffic that may explore (0..1)
+    max_exploration_share: float = 0.2
+    #: per-department override of ``max_exploration_share``
+    exploration_share_by_department: Mapping[str, float] = field(default_factory=dict)
+    #: reward weights (quality, cost, latency, failure) and per-department overrides
+    weights: Mapping[str, float] = field(default_factory=lambda: {"quality": 0.6, "cost": 0.2, "latency": 0.2})
+    weights_by_department: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    #: seconds between refreshes of the learned state from the shared mart
+    refresh_seconds: float = 30.0
+    random_state: int | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tidyllm setting. Build it with :func:`load_settings`; pass it to entry points."""
+
+    database_url: str = field(default_factory=default_database_url)
+    gateway_uri: str | None = None
+    #: "legacy" (``mlflow gateway start``) or "server" (tracking-server AI Gateway)
+    gateway_mode: str = "legacy"
+    #: path of the gateway routes file (seed or MLflow 3 format)
+    gateway_config: str | None = None
+    #: MLflow basic-auth credentials for the server gateway (never logged or stored)
+    mlflow_username: str | None = dataclasses.field(default=None, repr=False)
+    mlflow_password: str | None = dataclasses.field(default=None, repr=False)
+    #: default caller context merged under each call's metadata
+    defaults: Mapping[str, str] = field(default_factory=dict)
+    governance: GovernanceSettings = field(default_factory=GovernanceSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    #: budgets applied at install: [{scope, name, limit_usd, period}]
+    budgets: tuple[Mapping[str, Any], ...] = ()
+    #: authorisation rules: [{departments, sensitivity, routes, tags, allow}]
+    authorization: tuple[Mapping[str, Any], ...] = ()
+    #: explicit prices: [{model, input_per_1m, output_per_1m, effective}]
+    prices: tuple[Mapping[str, Any], ...] = ()
+    #: rate limits: [{scope, name, rpm, tpm}]
+    rate_limits: tuple[Mapping[str, Any], ...] = ()
+    #: the file these settings came from, if any
+    source: str | None = None
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with ``changes`` applied (validated like keyword overrides)."""
+        return _apply(self, changes, origin="argument")
+
+
+_SECTIONS = {"governance": GovernanceSettings, "audit": AuditSettings, "routing": RoutingSettings}
+_LISTS = ("budgets", "authorization", "prices", "rate_limits")
+_ENV = {
+    "database_url": "TIDYLLM_DATABASE_URL",
+    "gateway_uri": "TIDYLLM_GATEWAY_URI",
+    "gateway_mode": "TIDYLLM_GATEWAY_MODE",
+    "gateway_config": "TIDYLLM_GATEWAY_CONFIG",
+    "mlflow_username": "MLFLOW_TRACKING_USERNAME",
+    "mlflow_password": "MLFLOW_TRACKING_PASSWORD",
+}
+_ENV_DEFAULTS = {"user_id": "TIDYLLM_USER", "department": "TIDYLLM_DEPARTMENT"}
+_ENV_NESTED = {
+    "TIDYLLM_REQUIRE_AUDIT": ("governance", "require_audit"),
+    "TIDYLLM_AUDIT_CAPTURE": ("audit", "capture"),
+    "TIDYLLM_GATEWAY_ONLY": ("governance", "gateway_only"),
+    "TIDYLLM_TIMEZONE": ("governance", "timezone"),
+}
+_CHOICES = {
+    ("", "gateway_mode"): ("legacy", "server"),
+    ("governance", "unpriced"): ("refuse", "allow"),
+    ("audit", "capture"): ("none", "hash", "full"),
+    ("routing", "strategy"): ("bandit", "cheapest"),
+}
+
+
+def load_settings(config: str | os.PathLike[str] | Mapping[str, Any] | Settings | None = None,
+                  **overrides: Any) -> Settings:
+    """Read settings from ``config`` (a path, a mapping or a :class:`Settings`), the environment and ``overrides``.
+
+    Raises :class:`~tidyllm.errors.ConfigurationError` naming the file, the key and what is allowed.
+    """
+    if isinstance(config, Settings):
+        return _apply(config, overrides, origin="argument") if overrides else config
+    data: Mapping[str, Any] = {}
+    origin = "argument"
+    source = None
+    if isinstance(config, Mapping):
+        data = config
+    else:
+        path = Path(config) if config is not None else _find_file()
+        if path is not None:
+            data, source = _read_yaml(path), str(path)
+            origin = source
+    settings = _apply(Settings(), data, origin=origin)
+    settings = _apply(settings, _from_env(), origin="environment")
+    settings = dataclasses.replace(settings, source=source)
+    return _apply(settings, overrides, origin="argument") if overrides else settings
+
+
+def _find_file() -> Path | None:
+    env = os.environ.get("TIDYLLM_CONFIG")
+    if env:
+        return Path(env)
+    here = Path.cwd() / "tidyllm.yaml"
+    return here if here.is_file() else None
+
+
+def _read_yaml(path: Path) -> Mapping[str, Any]:
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read settings file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise ConfigurationError(f"{path}: the top level must be a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _from_env() -> dict[str, Any]:
+    env: dict[str, Any] = {}
+    for key, var in _ENV.items():
+        if os.environ.get(var):
+            env[key] = os.environ[var]
+    defaults = {k: os.environ[v] for k, v in _ENV_DEFAULTS.items() if os.environ.get(v)}
+    if defaults:
+        env["defaults"] = defaults
+    for var, (section, key) in _ENV_NESTED.items():
+        if os.environ.get(var):
+            env.setdefault(section, {})[key] = os.environ[var]
+    return env
+
+
+def _apply(base: Settings, data: Mapping[str, Any], *, origin: str) -> Settings:
+    known = {f.name for f in dataclasses.fields(Settings)} - {"source"}
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigurationError(f"{origin}: unknown setting {key!r}; allowed: {', '.join(sorted(known))}")
+        if key in _SECTIONS:
+            if isinstance(value, _SECTIONS[key]):
+                changes[key] = value
+                continue
+            changes[key] = _section(getattr(base, key), value, key, origin)
+        elif key in _LISTS:
+            if value is None:
+                value = []
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, Mapping) for v in value):
+                raise ConfigurationError(f"{origin}: {key!r} must be a list of mappings")
+            changes[key] = tuple(dict(v) for v in value)
+        elif key == "defaults":
+            if not isinstance(value, Mapping):
+                raise ConfigurationError(f"{origin}: 'defaults' must be a mapping of {', '.join(_DEFAULTS_KEYS)}")
+            for k, v in value.items():
+                if not isinstance(v, str):
+                    raise ConfigurationError(f"{origin}: defaults.{k} must be a string, got {type(v).__name__}")
+            changes[key] = {**base.defaults, **value}
+        else:
+            if value is not None and not isinstance(value, str):
+                raise ConfigurationError(f"{origin}: {key!r} must be a string, got {type(value).__name__}")
+            _check_choice("", key, value, origin)
+            changes[key] = value
+    return dataclasses.replace(base, **changes)
+
+
+def _section(current: Any, value: Any, name: str, origin: str) -> Any:
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"{origin}: {name!r} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(current)}
+    changes: dict[str, Any] = {}
+    for key, raw in value.items():
+        if key not in fields:
+            raise ConfigurationError(
+                f"{origin}: unknown setting {name}.{key}; allowed: {', '.join(sorted(fields))}")
+        default = getattr(type(current)(), key)
+        changes[key] = _coerce(raw, default, f"{name}.{key}", origin)
+        _check_choice(name, key, changes[key], origin)
+    return dataclasses.replace(current, **changes)
+
+
+def _coerce(raw: Any, default: Any, key: str, origin: str) -> Any:
+    if isinstance(default, bool):
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        raise ConfigurationError(f"{origin}: {key} must be true or false, got {raw!r}")
+    if isinstance(default, (int, float)) or (default is None and key.endswith("random_state")):
+        try:
+            number = float(raw) if not isinstance(default, int) or isinstance(default, bool) else int(raw)
+        except (TypeError, ValueError):
+            if raw is None and default is None:
+                return None
+            raise ConfigurationError(f"{origin}: {key} must be a number, got {raw!r}") from None
+        if isinstance(number, float) and number < 0:
+            raise ConfigurationError(f"{origin}: {key} must not be negative, got {raw!r}")
+        return number
+    if isinstance(default, tuple):
+        if not isinstance(raw, (list, tuple)) or not all(isinstance(v, str) for v in raw):
+            raise ConfigurationError(f"{origin}: {key} must be a list of strings")
+        return tuple(raw)
+    if isinstance(default, Mapping):
+        if not isinstance(raw, Mapping):
+            raise ConfigurationError(f"{origin}: {key} must be a mapping")
+        return dict(raw)
+    if not isinstance(raw, str):
+        raise ConfigurationError(f"{origin}: {key} must be a string, got {type(raw).__name__}")
+    return raw
+
+
+def _check_choice(section: str, key: str, value: Any, origin: str) -> None:
+    allowed = _CHOICES.get((section, key))
+    if allowed and value not in allowed:
+        name = f"{section}.{key}" if section else key
+        raise ConfigurationError(f"{origin}: {name} must be one of {', '.join(allowed)}; got {value!r}")
+    if (section, key) == ("governance", "timezone"):
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigurationError(
+                f"{origin}: governance.timezone {value!r} is not a known IANA time zone (e.g. 'UTC', 'Europe/Paris')"
+            ) from None
