@@ -1,7 +1,7 @@
 """The one exception tree of tidyllm.
 
 Every error tidyllm raises is a :class:`TidyLLMError`; its message says what to do next.
-This module imports only the standard library. The three governance refusals that LiteLLM
+This module imports only the standard library. The governance refusals, which LiteLLM
 must not retry also carry LiteLLM's own contract; those classes are built on first use (they
 need ``litellm``, which takes seconds to import), so ``import tidyllm.errors`` stays cheap::
 
@@ -11,8 +11,8 @@ need ``litellm``, which takes seconds to import), so ``import tidyllm.errors`` s
     ├── StorageError                the mart cannot be opened, written or read
     │   └── SchemaVersionError      the database schema is older/newer than this code
     ├── GovernanceError             a governed call was refused before reaching a provider
-    │   ├── MetadataError           caller context is missing or malformed (e.g. no audit reason)
-    │   ├── UnpricedModelError      a budgeted call to a model with no known price (fail closed)
+    │   ├── MetadataError           *also* no-retry; caller context missing or malformed (no audit reason…)
+    │   ├── UnpricedModelError      *also* no-retry; a budgeted call to a model with no price (fail closed)
     │   ├── BudgetExceededError     *also* ``litellm.BudgetExceededError`` (not retried by LiteLLM)
     │   ├── RouteNotAuthorizedError *also* ``litellm.BudgetExceededError``'s no-retry contract
     │   └── RateLimitedError        *also* no-retry; carries ``retry_after`` seconds
@@ -66,18 +66,6 @@ class GovernanceError(TidyLLMError):
     rule: str = "governance"
 
 
-class MetadataError(GovernanceError, ValueError):
-    """The caller context (``metadata=``) is missing a required key or has a wrong value."""
-
-    rule = "metadata"
-
-
-class UnpricedModelError(GovernanceError):
-    """A call under a budget names a model tidyllm has no price for, and policy is to fail closed."""
-
-    rule = "unpriced"
-
-
 class GatewayError(TidyLLMError):
     """An MLflow gateway could not be started, reached or provisioned."""
 
@@ -92,7 +80,8 @@ class RoutingError(TidyLLMError):
 # num_retries=2), but not on ``litellm.BudgetExceededError``. A refusal is final, so these
 # classes subclass it. Building them needs litellm, so they are created on first access.
 
-_LAZY = ("BudgetExceededError", "RouteNotAuthorizedError", "RateLimitedError")
+_LAZY = ("BudgetExceededError", "RouteNotAuthorizedError", "RateLimitedError", "MetadataError",
+         "UnpricedModelError")
 _built: dict[str, type] = {}
 
 
@@ -145,7 +134,31 @@ def _build() -> None:
         def __str__(self) -> str:
             return self.message
 
-    for cls in (BudgetExceededError, RouteNotAuthorizedError, RateLimitedError):
+    class MetadataError(GovernanceError, ValueError, base):  # type: ignore[misc, valid-type]
+        """The caller context (``metadata=``) is missing a required key or has a wrong value."""
+
+        rule = "metadata"
+
+        def __init__(self, message: str) -> None:
+            base.__init__(self, current_cost=0.0, max_budget=0.0, message=message)
+            self.message = message
+
+        def __str__(self) -> str:
+            return self.message
+
+    class UnpricedModelError(GovernanceError, base):  # type: ignore[misc, valid-type]
+        """A call under a budget names a model tidyllm has no price for, and policy is to fail closed."""
+
+        rule = "unpriced"
+
+        def __init__(self, message: str) -> None:
+            base.__init__(self, current_cost=0.0, max_budget=0.0, message=message)
+            self.message = message
+
+        def __str__(self) -> str:
+            return self.message
+
+    for cls in (BudgetExceededError, RouteNotAuthorizedError, RateLimitedError, MetadataError, UnpricedModelError):
         cls.__module__ = __name__
         _built[cls.__name__] = cls
 

@@ -145,6 +145,16 @@ audit_log = Table(
     comment="Append-only, hash-chained audit trail: one row per governed call.",
 )
 
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, comment="always 1: the single head row"),
+    Column("seq", BigInteger, nullable=False, comment="seq of the newest audit row"),
+    Column("digest", String(64), nullable=False, comment="digest of the newest audit row"),
+    Column("rows", BigInteger, nullable=False, comment="number of audit rows written"),
+    comment="Head of the audit chain: detects deletion of the newest rows; its row lock serialises appends.",
+)
+
 budgets = Table(
     "budgets",
     metadata,

@@ -1,4 +1,4 @@
-"""Governance, calls and routing: llm_calls, the hash-chained audit_log, budgets with their
+"""Governance, calls and routing: llm_calls, the hash-chained audit_log and its head, budgets with their
 windows, reservations (leases) and events, effective-dated prices, routing decisions with
 propensities, the bandit's saved state, and rate-limit events.
 
@@ -19,6 +19,14 @@ depends_on = None
 
 
 def upgrade() -> None:
+    op.create_table('audit_head',
+    sa.Column('id', sa.Integer(), nullable=False, comment='always 1: the single head row'),
+    sa.Column('seq', sa.BigInteger(), nullable=False, comment='seq of the newest audit row'),
+    sa.Column('digest', sa.String(length=64), nullable=False, comment='digest of the newest audit row'),
+    sa.Column('rows', sa.BigInteger(), nullable=False, comment='number of audit rows written'),
+    sa.PrimaryKeyConstraint('id'),
+    comment='Head of the audit chain: detects deletion of the newest rows; its row lock serialises appends.'
+    )
     op.create_table('audit_log',
     sa.Column('seq', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False, comment='position in the hash chain'),
     sa.Column('id', sa.String(length=36), nullable=False, comment='UUID of the audit row'),
@@ -204,3 +212,4 @@ def downgrade() -> None:
     op.drop_table('budget_events')
     op.drop_table('bandit_state')
     op.drop_table('audit_log')
+    op.drop_table('audit_head')

@@ -1,0 +1,1 @@
+"""MLflow AI Gateway integration: routes config, gateway processes, the provider simulator, the Router."""

@@ -1,0 +1,57 @@
+"""Building the governed ``litellm.Router`` over the MLflow gateway's endpoints."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tidyllm._litellm import import_litellm
+from tidyllm.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from tidyllm.platform import Platform
+
+__all__ = ["build_router", "model_list"]
+
+#: the OpenAI client needs a key; both MLflow gateways ignore it (they hold the provider secrets)
+_PLACEHOLDER_KEY = "mlflow-gateway-holds-the-provider-key"
+
+
+def model_list(platform: "Platform") -> list[dict[str, Any]]:
+    """One deployment per endpoint under its model group, plus one under the endpoint's own name."""
+    handle = platform.gateway
+    if handle.config is None:
+        raise ConfigurationError("no gateway routes configured: set gateway_config (TIDYLLM_GATEWAY_CONFIG) to "
+                                 "your gateway.yaml")
+    if handle.api_base is None:
+        raise ConfigurationError("no gateway_uri configured: start the gateway with `tidyllm gateway start "
+                                 "--config gateway.yaml` and set gateway_uri (TIDYLLM_GATEWAY_URI)")
+    headers = handle.auth_headers()
+    deployments = []
+    for route in handle.config.routes:
+        price = platform.prices.lookup(route.name)
+        params: dict[str, Any] = {"model": f"openai/{route.name}", "api_base": handle.api_base,
+                                  "api_key": _PLACEHOLDER_KEY}
+        if price is not None:
+            # LiteLLM would otherwise cost an MLflow endpoint name at $0 silently
+            params["input_cost_per_token"] = price.input_per_1m / 1e6
+            params["output_cost_per_token"] = price.output_per_1m / 1e6
+        if headers:
+            params["extra_headers"] = dict(headers)
+        info = {"tidyllm_route": route.name, "mode": "embedding" if "embeddings" in route.endpoint_type else "chat"}
+        group = route.group or route.name
+        deployments.append({"model_name": group, "litellm_params": dict(params),
+                            "model_info": {**info, "id": route.name}})
+        if group != route.name:
+            deployments.append({"model_name": route.name, "litellm_params": dict(params),
+                                "model_info": {**info, "id": f"{route.name}@direct"}})
+    return deployments
+
+
+def build_router(platform: "Platform", **router_kwargs: Any) -> Any:
+    """A ``litellm.Router`` over the gateway endpoints with tidyllm's governed strategy registered."""
+    litellm = import_litellm()
+    options: dict[str, Any] = {"num_retries": 2, "allowed_fails": 3, "cooldown_time": 5, "timeout": 60}
+    options.update(router_kwargs)
+    router = litellm.Router(model_list=model_list(platform), **options)
+    names = {r.name for r in platform.gateway.config.routes} if platform.gateway.config else set()
+    return platform.govern(router, gateway_routes=names)

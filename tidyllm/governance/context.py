@@ -1,0 +1,78 @@
+"""Caller context: who asks, for which department, why, for what, with which data.
+
+LiteLLM carries it in ``metadata={...}``; :meth:`CallContext.from_metadata` validates it once
+and merges the configured defaults underneath.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from tidyllm.errors import MetadataError
+
+__all__ = ["CallContext", "CONTEXT_KEYS", "STAMP_KEY"]
+
+CONTEXT_KEYS = ("user_id", "department", "audit_reason", "use_case", "data_sensitivity")
+#: the metadata key under which tidyllm stamps its decision for the callbacks to find
+STAMP_KEY = "tidyllm"
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Validated caller context of one call."""
+
+    user_id: str | None = None
+    department: str | None = None
+    audit_reason: str | None = None
+    use_case: str | None = None
+    data_sensitivity: str | None = None
+    #: other string/number keys the caller passed (used as routing features)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_metadata(cls, metadata: Any, *, defaults: Mapping[str, str] | None = None,
+                      sensitivity_classes: tuple[str, ...] = ("public", "internal", "confidential", "restricted"),
+                      require_audit: bool = False) -> "CallContext":
+        """Validate ``metadata`` (a dict or None) with ``defaults`` underneath."""
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, Mapping):
+            raise MetadataError(f"metadata must be a dict like {{'user_id': 'ana', 'department': 'risk'}}, "
+                                f"got {type(metadata).__name__}")
+        values: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if v not in (None, "")}
+        for key in CONTEXT_KEYS:
+            if key in metadata and metadata[key] is not None:
+                values[key] = metadata[key]
+        for key in CONTEXT_KEYS:
+            value = values.get(key)
+            if value is not None and not isinstance(value, str):
+                raise MetadataError(f"metadata[{key!r}] must be a string, got {type(value).__name__} {value!r}")
+            if isinstance(value, str) and not value.strip():
+                values.pop(key)
+        sensitivity = values.get("data_sensitivity")
+        if sensitivity is not None and sensitivity not in sensitivity_classes:
+            raise MetadataError(f"metadata['data_sensitivity'] {sensitivity!r} is not a known class; "
+                                f"use one of {', '.join(sensitivity_classes)}")
+        if require_audit and not values.get("audit_reason"):
+            raise MetadataError("this platform requires an audit reason: pass metadata={'audit_reason': "
+                                "'why you make this call', ...} (or %llm_config reason=... in a notebook)")
+        extra = {k: v for k, v in metadata.items()
+                 if k not in CONTEXT_KEYS and k != STAMP_KEY and isinstance(k, str)
+                 and isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                 and k not in _LITELLM_OWN_KEYS}
+        return cls(extra=extra, **{k: values.get(k) for k in CONTEXT_KEYS})
+
+    def as_dict(self) -> dict[str, Any]:
+        """The context as a flat dict (for routing features and records)."""
+        out = {k: getattr(self, k) for k in CONTEXT_KEYS if getattr(self, k) is not None}
+        out.update(self.extra)
+        return out
+
+
+# Keys LiteLLM's Router adds to metadata; they are not caller context.
+_LITELLM_OWN_KEYS = frozenset({
+    "model_group", "original_model_group", "model_group_size", "attempted_retries", "attempted_fallbacks",
+    "max_retries", "deployment", "api_base", "caching_groups", "previous_models", "request_retry_count",
+    "litellm_trace_id", "model_group_alias", "deployment_model_name", "user_api_key", "hidden_params",
+})

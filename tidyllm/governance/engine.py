@@ -1,0 +1,395 @@
+"""The governor: admit a call (authorise, rate-limit, price, reserve) and finish it (settle, record, audit).
+
+Every LiteLLM entry point — the Router strategy, the ``async_pre_call_deployment_hook``, the
+``tidyllm/`` provider — calls :meth:`Governor.admit` before the provider is contacted and
+stamps the returned :class:`Admission` into the request's metadata; the success and failure
+callbacks hand the finished call to :meth:`Governor.finish`. Whoever refuses writes the audit
+row of the refusal (callbacks ignore governance refusals), so every attempt has exactly one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import threading
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from tidyllm.errors import GovernanceError, MetadataError, UnpricedModelError
+from tidyllm.governance.context import STAMP_KEY, CallContext
+from tidyllm.governance.policy import RouteFacts
+from tidyllm.mart.schema import llm_calls
+from tidyllm.mart.store import utcnow
+from tidyllm.redact import redact
+
+if TYPE_CHECKING:
+    from tidyllm.governance.audit import AuditTrail
+    from tidyllm.governance.budgets import BudgetLedger
+    from tidyllm.governance.policy import AuthorizationPolicy
+    from tidyllm.governance.ratelimit import RateLimiter
+    from tidyllm.mart import TidyMart
+    from tidyllm.pricing import Price, PriceBook
+    from tidyllm.records import CallRecord
+    from tidyllm.settings import GovernanceSettings
+
+__all__ = ["Governor", "Admission", "estimate_prompt_tokens"]
+
+log = logging.getLogger("tidyllm.governance")
+
+#: LiteLLM's mock responses always report 20 completion tokens, whatever max_tokens says
+MOCK_COMPLETION_TOKENS = 20
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An admitted call: what was reserved, at which price, with which (possibly clamped) max_tokens."""
+
+    call_id: str
+    route: str
+    requested_model: str
+    call_type: str
+    context: dict[str, Any]
+    started_at: str
+    max_tokens: int
+    clamped: bool
+    reservation_id: str | None = None
+    reserved_usd: float = 0.0
+    price_id: str | None = None
+    input_per_1m: float | None = None
+    output_per_1m: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def stamp(self) -> dict[str, Any]:
+        """The dict stamped into ``metadata["tidyllm"]`` (plain JSON-able values)."""
+        return asdict(self)
+
+
+def estimate_prompt_tokens(model: str, messages: Any = None, text: Any = None, tools: Any = None) -> int:
+    """An upper estimate of the input tokens a provider will count for a request.
+
+    LiteLLM's tokenizer count plus a 10 % + 16-token margin: providers add per-message framing and
+    their tokenizers differ slightly, and the reservation must be a true worst case."""
+    from tidyllm._litellm import import_litellm
+
+    litellm = import_litellm()
+    try:
+        if messages is not None:
+            n = litellm.token_counter(model=model, messages=messages, tools=tools) if tools else \
+                litellm.token_counter(model=model, messages=messages)
+        else:
+            items = text if isinstance(text, list) else [text or ""]
+            n = sum(litellm.token_counter(model=model, text=str(t)) for t in items)
+    except Exception:  # noqa: BLE001 - an unknown tokenizer must not block; fall back to characters
+        blob = str(messages if messages is not None else text)
+        n = len(blob) // 3 + 1
+    return int(math.ceil(n * 1.10)) + 16
+
+
+class Governor:
+    """Admission and settlement of governed calls."""
+
+    def __init__(self, mart: "TidyMart", *, settings: "GovernanceSettings", defaults: Mapping[str, str],
+                 prices: "PriceBook", budgets: "BudgetLedger", policy: "AuthorizationPolicy",
+                 audit: "AuditTrail", limiter: "RateLimiter", routes: Mapping[str, RouteFacts] | None = None,
+                 gateway_api_bases: tuple[str, ...] = ()) -> None:
+        self.mart = mart
+        self.settings = settings
+        self.defaults = dict(defaults)
+        self.prices = prices
+        self.budgets = budgets
+        self.policy = policy
+        self.audit = audit
+        self.limiter = limiter
+        self.routes: dict[str, RouteFacts] = dict(routes or {})
+        self.gateway_api_bases = tuple(b.rstrip("/") for b in gateway_api_bases)
+        self._listeners: list[Callable[["CallRecord", Admission | None], None]] = []
+        self._lock = threading.Lock()
+
+    # --- context ------------------------------------------------------------------------------
+
+    def context(self, metadata: Any) -> CallContext:
+        """Validate caller metadata with the configured defaults."""
+        return CallContext.from_metadata(metadata, defaults=self.defaults,
+                                         sensitivity_classes=tuple(self.settings.sensitivity_classes),
+                                         require_audit=self.settings.require_audit)
+
+    def route_facts(self, route: str) -> RouteFacts:
+        """Tags and sensitivity classes of a configured route (bare facts for anything else)."""
+        return self.routes.get(route) or RouteFacts(route)
+
+    def add_listener(self, fn: Callable[["CallRecord", Admission | None], None]) -> None:
+        """Call ``fn(record, admission)`` after each governed call is finished and recorded."""
+        if fn not in self._listeners:
+            self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[["CallRecord", Admission | None], None]) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    # --- admission ----------------------------------------------------------------------------
+
+    def check_authorized(self, ctx: CallContext, route: str) -> tuple[str, str] | None:
+        """None, or ``(rule, explanation)`` why ``ctx`` may not use ``route``."""
+        return self.policy.check(ctx, self.route_facts(route))
+
+    def admit(self, *, ctx: CallContext, route: str, requested_model: str, call_type: str = "completion",
+              messages: Any = None, text: Any = None, tools: Any = None, max_tokens: int | None = None,
+              stream: bool = False, mock: bool = False, gateway: bool = True, call_id: str | None = None,
+              extra: Mapping[str, Any] | None = None) -> Admission:
+        """Authorise, rate-limit, price and reserve; raise a governance error (after auditing it) when refused.
+
+        ``route`` is the endpoint/deployment that will serve the call; ``gateway`` says whether it
+        resolves to a configured gateway endpoint (``governance.gateway_only``)."""
+        from tidyllm.errors import BudgetExceededError, RateLimitedError, RouteNotAuthorizedError
+
+        call_id = call_id or str(uuid.uuid4())
+        now = utcnow()
+        is_embedding = "embed" in call_type
+        base = dict(call_id=call_id, ctx=ctx, route=route, requested_model=requested_model, call_type=call_type,
+                    messages=messages if messages is not None else text, tools=tools, stream=stream, now=now)
+
+        if self.settings.gateway_only and not gateway and not (mock and self.settings.allow_mock):
+            err = RouteNotAuthorizedError(
+                f"governance.gateway_only is on: model {requested_model!r} does not resolve to a configured "
+                "MLflow gateway endpoint; call a gateway route or model group instead", rule="gateway_only")
+            self._refuse(error=err, **base)
+        why = self.check_authorized(ctx, route)
+        if why is not None:
+            self._refuse(error=RouteNotAuthorizedError(f"not authorised: {why[1]}", rule=why[0]), **base)
+
+        price = self.prices.lookup(route, now) or (self.prices.lookup(requested_model, now)
+                                                   if requested_model != route else None)
+        prompt_tokens = estimate_prompt_tokens(route, messages=messages, text=text, tools=tools)
+        out_tokens = 0 if is_embedding else int(max_tokens or self.settings.default_max_tokens)
+        if mock and not is_embedding:
+            out_tokens = max(out_tokens, MOCK_COMPLETION_TOKENS)
+        from tidyllm.governance.budgets import Refusal
+
+        refusal: tuple[GovernanceError, str | None] | None = None
+        with self.mart.store.begin(write=True) as conn:
+            self.budgets.expire_leases(conn, now)
+            limited = self.limiter.check_and_record(conn, ctx, route, prompt_tokens + out_tokens, now)
+            reservation = None
+            if limited is not None:
+                refusal = (RateLimitedError(limited[0], retry_after=limited[1]), None)
+            elif price is None:
+                applicable = self.budgets.applicable(self.budgets._all(conn), ctx, route, requested_model)
+                policy = self.settings.unpriced_by_department.get(ctx.department or "", self.settings.unpriced)
+                if applicable and policy == "refuse":
+                    refusal = (UnpricedModelError(
+                        f"{route!r} has no price and {ctx.department or 'this call'} is under a budget; add "
+                        f"one (prices: in tidyllm.yaml or platform.prices.set({route!r}, input_per_1m, "
+                        "output_per_1m)) or set governance.unpriced: allow"), None)
+            else:
+                per_token_out = price.output_per_1m / 1e6
+                reservation = self.budgets.reserve(
+                    conn, call_id=call_id, ctx=ctx, route=route, model=requested_model,
+                    prompt_cost_usd=prompt_tokens * price.input_per_1m / 1e6,
+                    output_cost_per_token=per_token_out, max_tokens=max(out_tokens, 1 if not is_embedding else 0),
+                    now=now)
+                if isinstance(reservation, Refusal):
+                    err = BudgetExceededError(reservation.message(), scope=reservation.scope,
+                                              name=reservation.name, spent_usd=reservation.spent_usd,
+                                              reserved_usd=reservation.reserved_usd, limit_usd=reservation.limit_usd)
+                    err.rule = f"budget:{reservation.scope}:{reservation.name}:{reservation.period}"
+                    refusal = (err, reservation.budget_id)
+            if refusal is not None:
+                # the refusal's records commit with this transaction; the error is raised after it
+                self._write_refusal(conn, error=refusal[0], budget_id=refusal[1], **base)
+            else:
+                admission = Admission(
+                    call_id=call_id, route=route, requested_model=requested_model, call_type=call_type,
+                    context=ctx.as_dict(), started_at=now.isoformat(),
+                    max_tokens=reservation.max_tokens if reservation else out_tokens,
+                    clamped=bool(reservation and reservation.clamped),
+                    reservation_id=reservation.id if reservation else None,
+                    reserved_usd=reservation.amount_usd if reservation else 0.0,
+                    price_id=price.id if price else None,
+                    input_per_1m=price.input_per_1m if price else None,
+                    output_per_1m=price.output_per_1m if price else None,
+                    extra=dict(extra or {}))
+                if price is not None and price.id is None:
+                    # a LiteLLM price used for the first time becomes a stored price version
+                    admission = self._store_litellm_price(conn, price, admission)
+                conn.execute(llm_calls.insert().values(
+                    id=call_id, started_at=now, call_type=call_type, user_id=ctx.user_id,
+                    department=ctx.department, use_case=ctx.use_case, data_sensitivity=ctx.data_sensitivity,
+                    requested_model=requested_model, route=route, status="pending", stream=bool(stream),
+                    reserved_usd=admission.reserved_usd, price_id=admission.price_id))
+        if refusal is not None:
+            raise refusal[0]
+        if admission.clamped:
+            log.info("call %s: max_tokens clamped to %d to fit the budget", call_id, admission.max_tokens)
+        return admission
+
+    def _store_litellm_price(self, conn: Any, price: "Price", admission: Admission) -> Admission:
+        import sqlalchemy as sa
+
+        from tidyllm.mart.schema import prices
+
+        row = conn.execute(sa.select(prices.c.id).where(prices.c.model == price.model,
+                                                        prices.c.effective_from == price.effective_from)).first()
+        price_id = row[0] if row else str(uuid.uuid4())
+        if row is None:
+            conn.execute(prices.insert().values(id=price_id, model=price.model, input_per_1m=price.input_per_1m,
+                                                output_per_1m=price.output_per_1m,
+                                                effective_from=price.effective_from, source="litellm",
+                                                created_at=utcnow()))
+        self.prices.refresh()
+        return Admission(**{**asdict(admission), "price_id": price_id})
+
+    def _refuse(self, *, error: GovernanceError, **fields: Any) -> None:
+        """Record a refusal in its own transaction and raise ``error``."""
+        with self.mart.store.begin(write=True) as conn:
+            self._write_refusal(conn, error=error, **fields)
+        raise error
+
+    def _write_refusal(self, conn: Any, *, error: GovernanceError, call_id: str, ctx: CallContext, route: str,
+                       requested_model: str, call_type: str, messages: Any, tools: Any, stream: bool,
+                       now: dt.datetime, budget_id: str | None = None) -> None:
+        """The llm_calls row, the audit row and (for budgets) the event of a refused call."""
+        conn.execute(llm_calls.insert().values(
+            id=call_id, started_at=now, ended_at=now, call_type=call_type, user_id=ctx.user_id,
+            department=ctx.department, use_case=ctx.use_case, data_sensitivity=ctx.data_sensitivity,
+            requested_model=requested_model, route=route, status="refused", stream=bool(stream),
+            error_type=type(error).__name__, error_message=redact(str(error))))
+        self.audit.append(conn, {
+            "call_id": call_id, "recorded_at": now, "user_id": ctx.user_id, "department": ctx.department,
+            "audit_reason": ctx.audit_reason, "use_case": ctx.use_case,
+            "data_sensitivity": ctx.data_sensitivity, "requested_model": requested_model, "route": route,
+            "decision": "refused", "rule": getattr(error, "rule", "governance"), "status": "refused",
+            "error": f"{type(error).__name__}: {error}", **self.audit.content_fields(messages, tools)})
+        if budget_id is not None:
+            from tidyllm.mart.schema import budget_events
+
+            conn.execute(budget_events.insert().values(
+                id=str(uuid.uuid4()), at=now, budget_id=budget_id, kind="refused",
+                data={"call_id": call_id, "department": ctx.department, "user_id": ctx.user_id}))
+
+    def refuse_metadata(self, error: MetadataError, *, metadata: Any, route: str, requested_model: str,
+                        call_type: str, messages: Any, call_id: str | None = None) -> None:
+        """Audit a call refused for malformed metadata (best-effort context) and raise ``error``."""
+        md = metadata if isinstance(metadata, Mapping) else {}
+        ctx = CallContext(**{k: (md.get(k) if isinstance(md.get(k), str) else None)
+                             for k in ("user_id", "department", "audit_reason", "use_case")})
+        self._refuse(error=error, call_id=call_id or str(uuid.uuid4()), ctx=ctx, route=route,
+                     requested_model=requested_model, call_type=call_type, messages=messages, tools=None,
+                     stream=False, now=utcnow())
+
+    # --- settlement ---------------------------------------------------------------------------
+
+    def cost_of(self, admission: Admission | None, record: "CallRecord") -> float | None:
+        """Exact cost at the admitted price version; LiteLLM's figure when tidyllm had no price."""
+        if admission is not None and admission.input_per_1m is not None and record.ok:
+            return ((record.prompt_tokens or 0) * admission.input_per_1m
+                    + (record.completion_tokens or 0) * (admission.output_per_1m or 0.0)) / 1e6
+        if not record.ok:
+            return 0.0
+        return record.litellm_cost if record.litellm_cost else None
+
+    def finish(self, record: "CallRecord") -> None:
+        """Settle (or release) the call's reservation and write its call row and audit row, atomically."""
+        stamp = record.stamp or {}
+        try:
+            admission = Admission(**{k: stamp[k] for k in Admission.__dataclass_fields__ if k in stamp})
+        except TypeError:
+            log.error("call %s carries a malformed tidyllm stamp; recorded as unenforced", record.litellm_call_id)
+            return self.record_unenforced(record)
+        if record.exception is not None and isinstance(record.exception, GovernanceError):
+            return  # the refuser already audited it
+        now = utcnow()
+        cost = self.cost_of(admission, record)
+        ctx = admission.context
+        status = "success" if record.ok else "failure"
+        outcome = stamp.get("outcome") or ("completed" if record.ok else "failed") if record.stream else None
+        from tidyllm.mart.schema import llm_calls as calls
+
+        with self.mart.store.begin(write=True) as conn:
+            if admission.reservation_id:
+                if record.ok or (cost or 0) > 0:
+                    self.budgets.settle(conn, admission.reservation_id, cost or 0.0, now)
+                else:
+                    self.budgets.release(conn, admission.reservation_id, now)
+            updated = conn.execute(calls.update().where(calls.c.id == admission.call_id,
+                                                        calls.c.status == "pending").values(
+                ended_at=now, status=status, provider_model=record.provider_model,
+                prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+                cached_tokens=record.cached_tokens, reasoning_tokens=record.reasoning_tokens, cost_usd=cost,
+                latency_ms=record.latency_ms, error_type=record.error_type,
+                error_message=redact(record.error_message)[:4000] if record.error_message else None,
+                outcome=outcome, stream=record.stream))
+            if updated.rowcount == 0:
+                return  # already finished (LiteLLM delivered the event twice)
+            self.audit.append(conn, {
+                "call_id": admission.call_id, "recorded_at": now, "user_id": ctx.get("user_id"),
+                "department": ctx.get("department"), "audit_reason": ctx.get("audit_reason"),
+                "use_case": ctx.get("use_case"), "data_sensitivity": ctx.get("data_sensitivity"),
+                "requested_model": admission.requested_model, "route": admission.route, "decision": "allowed",
+                "rule": "clamped" if admission.clamped else None, "status": status,
+                "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
+                "cost_usd": cost, "latency_ms": record.latency_ms,
+                "error": f"{record.error_type}: {record.error_message}" if not record.ok else None,
+                "trace_id": _trace_id(record),
+                "extra": {k: v for k, v in {"price_id": admission.price_id, "outcome": outcome,
+                                            "reserved_usd": admission.reserved_usd,
+                                            "litellm_call_id": record.litellm_call_id}.items() if v is not None},
+                **self.audit.content_fields(record.messages, record.tools)})
+        self._notify(record, admission)
+
+    def record_unenforced(self, record: "CallRecord") -> None:
+        """Record a call that reached a provider without admission (plain sync ``litellm.completion``):
+        it is audited as ``unenforced`` and its cost counted against the budgets it belongs to."""
+        if record.exception is not None and isinstance(record.exception, GovernanceError):
+            return
+        try:
+            ctx = self.context(dict(record.metadata))
+        except MetadataError:
+            ctx = CallContext()
+        now = utcnow()
+        model = record.model or "unknown"
+        price = self.prices.lookup(model, now)
+        if record.ok and price is not None:
+            cost: float | None = price.cost(record.prompt_tokens or 0, record.completion_tokens or 0)
+        else:
+            cost = (record.litellm_cost or None) if record.ok else 0.0
+        call_id = record.litellm_call_id or str(uuid.uuid4())
+        with self.mart.store.begin(write=True) as conn:
+            if cost:
+                self.budgets.charge(conn, ctx, model, model, cost, now)
+            conn.execute(llm_calls.insert().values(
+                id=call_id, started_at=record.started_at, ended_at=record.ended_at, call_type=record.call_type,
+                user_id=ctx.user_id, department=ctx.department, use_case=ctx.use_case,
+                data_sensitivity=ctx.data_sensitivity, requested_model=model, route=model,
+                provider_model=record.provider_model, status="unenforced", stream=record.stream,
+                prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens, cost_usd=cost,
+                price_id=price.id if price else None, latency_ms=record.latency_ms,
+                error_type=record.error_type, error_message=redact(record.error_message)))
+            self.audit.append(conn, {
+                "call_id": call_id, "recorded_at": now, "user_id": ctx.user_id, "department": ctx.department,
+                "audit_reason": ctx.audit_reason, "use_case": ctx.use_case, "data_sensitivity": ctx.data_sensitivity,
+                "requested_model": model, "route": model, "decision": "unenforced",
+                "rule": "sync-sdk-call-bypassed-enforcement", "status": "success" if record.ok else "failure",
+                "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
+                "cost_usd": cost, "latency_ms": record.latency_ms,
+                "error": f"{record.error_type}: {record.error_message}" if not record.ok else None,
+                **self.audit.content_fields(record.messages, record.tools)})
+        log.warning("unenforced LLM call %s to %s (plain sync litellm.completion); use model='tidyllm/<group>' "
+                    "or a governed Router to enforce budgets", call_id, model)
+        self._notify(record, None)
+
+    def _notify(self, record: "CallRecord", admission: Admission | None) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(record, admission)
+            except Exception:  # noqa: BLE001 - observers must never break the caller's request
+                log.exception("a tidyllm call listener failed")
+
+
+def _trace_id(record: "CallRecord") -> str | None:
+    for key in ("x-mlflow-trace-id", "llm_provider-x-mlflow-trace-id", "mlflow-trace-id"):
+        value = record.headers.get(key)
+        if value:
+            return str(value)
+    return None

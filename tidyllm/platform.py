@@ -1,0 +1,287 @@
+"""``tidyllm.install()``: one governed platform per process, registered with LiteLLM.
+
+The platform bundles the mart, prices, budgets, the authorisation policy, the audit trail, the
+rate limiter, route health and the governor, and builds governed LiteLLM Routers over the MLflow
+gateway's endpoints. ``install`` is idempotent (same settings → same platform, nothing registered
+twice); installing with other settings replaces the previous platform; ``uninstall`` removes
+tidyllm's callbacks and provider from LiteLLM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from typing import TYPE_CHECKING, Any, Mapping
+
+from tidyllm.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from tidyllm.gateway.config import GatewayConfig
+    from tidyllm.routing.strategy import Chooser
+    from tidyllm.settings import Settings
+
+__all__ = ["Platform", "install", "uninstall", "current"]
+
+log = logging.getLogger("tidyllm")
+
+_lock = threading.RLock()
+_installed: "Platform | None" = None
+
+
+class Platform:
+    """Everything tidyllm governs with; made by :func:`install`.
+
+    Attributes: ``settings``, ``mart``, ``prices``, ``budgets``, ``policy``, ``audit``, ``limiter``,
+    ``routes`` (endpoint health), ``governor``, ``gateway`` (config and endpoints).
+    """
+
+    def __init__(self, settings: "Settings") -> None:
+        from tidyllm.gateway.health import RouteHealth
+        from tidyllm.governance.audit import AuditTrail
+        from tidyllm.governance.budgets import BudgetLedger
+        from tidyllm.governance.engine import Governor
+        from tidyllm.governance.policy import AuthorizationPolicy, RouteFacts
+        from tidyllm.governance.ratelimit import RateLimiter
+        from tidyllm.mart import get_tidymart
+        from tidyllm.pricing import PriceBook
+        from tidyllm.redact import RedactingFilter
+
+        self.settings = settings
+        gov = settings.governance
+        self.mart = get_tidymart(settings)
+        self.prices = PriceBook(self.mart)
+        self.budgets = BudgetLedger(self.mart, timezone=gov.timezone, lease_ttl_seconds=gov.lease_ttl_seconds,
+                                    soft_threshold=gov.soft_threshold)
+        self.policy = AuthorizationPolicy(settings.authorization)
+        self.audit = AuditTrail(self.mart, capture=settings.audit.capture)
+        self.limiter = RateLimiter(settings.rate_limits)
+        self.routes = RouteHealth()
+        self.gateway = GatewayHandle(settings)
+        facts = {}
+        if self.gateway.config is not None:
+            for route in self.gateway.config.routes:
+                facts[route.name] = RouteFacts(route.name, dict(route.tags), tuple(route.sensitivity))
+                for price in route.prices:
+                    self.prices.set(route.name, price.input_per_1m, price.output_per_1m, price.effective,
+                                    source="gateway-config")
+        for i, raw in enumerate(settings.prices):
+            if "model" not in raw:
+                raise ConfigurationError(f"prices #{i + 1}: needs 'model', 'input_per_1m', 'output_per_1m'")
+            self.prices.set(raw["model"], raw.get("input_per_1m"), raw.get("output_per_1m"), raw.get("effective"),
+                            source="config")
+        for i, raw in enumerate(settings.budgets):
+            missing = {"scope", "name", "limit_usd"} - set(raw)
+            if missing and not (raw.get("scope") == "org" and "limit_usd" in raw):
+                raise ConfigurationError(f"budgets #{i + 1}: missing {', '.join(sorted(missing))}")
+            self.budgets.set(raw["scope"], raw.get("name", "org"), raw["limit_usd"], raw.get("period", "month"),
+                             soft_threshold=raw.get("soft_threshold"))
+        self.governor = Governor(self.mart, settings=gov, defaults=settings.defaults, prices=self.prices,
+                                 budgets=self.budgets, policy=self.policy, audit=self.audit, limiter=self.limiter,
+                                 routes=facts, gateway_api_bases=self.gateway.api_bases())
+        self.governor.add_listener(self._health_listener)
+        self.budgets.reconcile()
+        self._callbacks: Any = None
+        self._provider: Any = None
+        self._router: Any = None
+        self._chooser: "Chooser | None" = None
+        self._filter = RedactingFilter()
+        logging.getLogger("tidyllm").addFilter(self._filter)
+
+    def __repr__(self) -> str:
+        return f"<tidyllm.Platform mart={self.mart.store.safe_url!r} gateway={self.gateway.uri!r}>"
+
+    # --- LiteLLM registration -------------------------------------------------------------------
+
+    def _register(self) -> None:
+        from tidyllm._litellm import import_litellm
+        from tidyllm.governance.hooks import make_callbacks
+        from tidyllm.governance.provider import PROVIDER, make_provider
+
+        litellm = import_litellm()
+        name = hashlib.sha1(self.mart.url.encode()).hexdigest()[:12]
+        self._callbacks = make_callbacks(self.governor, name, self.resolve)
+        litellm.logging_callback_manager.add_litellm_callback(self._callbacks)
+        self._provider = make_provider(self.router)
+        litellm.custom_provider_map = [p for p in litellm.custom_provider_map if p.get("provider") != PROVIDER]
+        litellm.custom_provider_map.append({"provider": PROVIDER, "custom_handler": self._provider})
+        from litellm.utils import custom_llm_setup
+
+        custom_llm_setup()
+
+    def _unregister(self) -> None:
+        import sys
+
+        litellm = sys.modules.get("litellm")
+        if litellm is None:
+            return
+        from tidyllm.governance.provider import PROVIDER
+
+        if self._callbacks is not None:
+            litellm.logging_callback_manager.remove_callback_from_all_lists(self._callbacks)
+            if self._callbacks in litellm.callbacks:
+                litellm.callbacks.remove(self._callbacks)
+        litellm.custom_provider_map[:] = [p for p in litellm.custom_provider_map
+                                          if p.get("custom_handler") is not self._provider]
+        if PROVIDER in litellm._custom_providers and not any(p.get("provider") == PROVIDER
+                                                              for p in litellm.custom_provider_map):
+            litellm._custom_providers.remove(PROVIDER)
+        self._callbacks = None
+        self._provider = None
+
+    # --- routing --------------------------------------------------------------------------------
+
+    def resolve(self, model: str, api_base: str | None) -> tuple[str, bool]:
+        """The route a plain SDK call goes to, and whether it is a configured gateway endpoint."""
+        bases = self.governor.gateway_api_bases
+        names = {r.name for r in self.gateway.config.routes} if self.gateway.config is not None else set()
+        if model.startswith("openai/") and api_base and api_base.rstrip("/") in bases:
+            return model.split("/", 1)[1], True
+        if model in names:
+            return model, True
+        return model, False
+
+    def chooser(self) -> "Chooser":
+        """The routing rule the governed Routers use (``routing.strategy``)."""
+        if self._chooser is None:
+            if self.settings.routing.strategy == "bandit":
+                from tidyllm.routing.chooser import BanditChooser
+
+                self._chooser = BanditChooser.for_platform(self)
+            else:
+                from tidyllm.routing.strategy import CheapestChooser
+
+                self._chooser = CheapestChooser()
+        return self._chooser
+
+    def govern(self, router: Any, *, gateway_routes: set[str] | None = None) -> Any:
+        """Attach tidyllm's governed routing strategy to any ``litellm.Router``; returns it."""
+        from tidyllm.routing.strategy import build_strategy
+
+        router.register_plugin(build_strategy(router, self.governor, self.routes, self.chooser(),
+                                              gateway_routes=gateway_routes))
+        return router
+
+    def router(self, **router_kwargs: Any) -> Any:
+        """A governed ``litellm.Router`` over the MLflow gateway's endpoints (built once, then reused).
+
+        Deployments are ``openai/<endpoint>`` at the gateway's OpenAI-compatible base, grouped by
+        each route's ``group``, each with its explicit price. ``router_kwargs`` go to ``Router``
+        (and force a new one)."""
+        with _lock:
+            if self._router is not None and not router_kwargs:
+                return self._router
+            from tidyllm.gateway.router import build_router
+
+            router = build_router(self, **router_kwargs)
+            if not router_kwargs:
+                self._router = router
+            return router
+
+    # --- learning and feedback -----------------------------------------------------------------
+
+    def feedback(self, call_id: str, score: float, **fields: Any) -> str:
+        """Record a quality score in [0, 1] for a finished call (may arrive late); returns the outcome id."""
+        return self.mart.learn_from_execution({"module": "gateway", "operation": "feedback", "call_id": call_id,
+                                               "performance_score": score, **fields})
+
+    def _health_listener(self, record: Any, admission: Any) -> None:
+        if admission is None:
+            return
+        self.routes.record(admission.route, record.ok, record.latency_ms)
+
+    # --- reporting ------------------------------------------------------------------------------
+
+    def calls(self, **filters: Any) -> "pd.DataFrame":
+        """The ``llm_calls`` table."""
+        return self.mart.frame("llm_calls", **filters)
+
+    def close(self) -> None:
+        """Unregister from LiteLLM and drop the log filter (the mart stays open for other users)."""
+        self._unregister()
+        logging.getLogger("tidyllm").removeFilter(self._filter)
+
+
+class GatewayHandle:
+    """The configured MLflow gateway: its routes file, URI, flavour and endpoints."""
+
+    def __init__(self, settings: "Settings") -> None:
+        self.uri = settings.gateway_uri.rstrip("/") if settings.gateway_uri else None
+        self.mode = settings.gateway_mode
+        self.config: "GatewayConfig | None" = None
+        self._auth = (settings.mlflow_username, settings.mlflow_password)
+        if settings.gateway_config:
+            from tidyllm.gateway.config import load_gateway_config
+
+            self.config = load_gateway_config(settings.gateway_config)
+
+    @property
+    def api_base(self) -> str | None:
+        """The OpenAI-compatible base LiteLLM calls (``/v1`` legacy, ``/gateway/mlflow/v1`` server)."""
+        if self.uri is None:
+            return None
+        return f"{self.uri}/v1" if self.mode == "legacy" else f"{self.uri}/gateway/mlflow/v1"
+
+    def api_bases(self) -> tuple[str, ...]:
+        return (self.api_base,) if self.api_base else ()
+
+    def auth_headers(self) -> dict[str, str]:
+        """Basic-auth headers for an authenticated server gateway (empty without credentials)."""
+        user, password = self._auth
+        if not (user and password):
+            return {}
+        from tidyllm.gateway.client import auth_headers
+
+        return auth_headers(user, password)
+
+    def endpoints(self) -> "pd.DataFrame":
+        """What the running gateway serves (either flavour)."""
+        import pandas as pd
+
+        from tidyllm.gateway.client import list_endpoints
+
+        if self.uri is None:
+            raise ConfigurationError("no gateway_uri configured: start one with `tidyllm gateway start` and set "
+                                     "TIDYLLM_GATEWAY_URI (or gateway_uri in tidyllm.yaml)")
+        user, password = self._auth
+        rows = list_endpoints(self.uri, mode=self.mode, auth=(user, password) if user and password else None)
+        return pd.DataFrame(rows)
+
+
+def install(config: "str | Mapping[str, Any] | Settings | None" = None, **overrides: Any) -> Platform:
+    """Install tidyllm governance into LiteLLM and return the platform.
+
+    ``config`` is a ``tidyllm.yaml`` path, a mapping or :class:`~tidyllm.Settings`; keyword
+    arguments override settings. Calling it again with the same settings returns the same
+    platform and registers nothing twice; with different settings the previous one is replaced.
+    """
+    global _installed
+    from tidyllm.settings import load_settings
+
+    settings = load_settings(config, **overrides)
+    with _lock:
+        if _installed is not None and _installed.settings == settings and _installed._callbacks is not None:
+            return _installed
+        if _installed is not None:
+            _installed.close()
+            _installed = None
+        platform = Platform(settings)
+        platform._register()
+        _installed = platform
+        return platform
+
+
+def uninstall() -> None:
+    """Remove tidyllm's callbacks and ``tidyllm/`` provider from LiteLLM."""
+    global _installed
+    with _lock:
+        if _installed is not None:
+            _installed.close()
+            _installed = None
+
+
+def current() -> Platform | None:
+    """The installed platform, if any."""
+    return _installed

@@ -1,0 +1,126 @@
+"""The one place that reads LiteLLM's callback dictionaries.
+
+LiteLLM's ``kwargs`` / ``standard_logging_object`` shapes change between releases; everything
+else in tidyllm works on the frozen :class:`CallRecord` built here. ``tests/test_records.py``
+pins the shapes of litellm 1.110.2.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from tidyllm.governance.context import STAMP_KEY
+
+__all__ = ["CallRecord", "from_callback", "metadata_of"]
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """What tidyllm needs to know about one finished LLM call attempt."""
+
+    ok: bool
+    litellm_call_id: str | None
+    call_type: str
+    #: tidyllm's stamp (``metadata["tidyllm"]``): present when governance admitted the call
+    stamp: Mapping[str, Any] | None
+    metadata: Mapping[str, Any]
+    model: str | None
+    model_id: str | None
+    model_group: str | None
+    provider: str | None
+    api_base: str | None
+    provider_model: str | None
+    stream: bool
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cached_tokens: int | None
+    reasoning_tokens: int | None
+    litellm_cost: float | None
+    latency_ms: float | None
+    started_at: dt.datetime
+    ended_at: dt.datetime
+    error_type: str | None
+    error_message: str | None
+    exception: BaseException | None
+    messages: Any
+    tools: Any
+    mock: bool
+    headers: Mapping[str, Any] = field(default_factory=dict)
+
+
+def metadata_of(kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The caller's metadata as LiteLLM hands it to callbacks."""
+    params = kwargs.get("litellm_params") or {}
+    return params.get("metadata") or kwargs.get("metadata") or {}
+
+
+def _as_dt(value: Any) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.timezone.utc) if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    if isinstance(value, (int, float)):
+        return dt.datetime.fromtimestamp(value, dt.timezone.utc)
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _usage(response_obj: Any) -> Mapping[str, Any]:
+    usage = getattr(response_obj, "usage", None)
+    if usage is None and isinstance(response_obj, Mapping):
+        usage = response_obj.get("usage")
+    if usage is None:
+        return {}
+    if hasattr(usage, "model_dump"):
+        return usage.model_dump()
+    return dict(usage) if isinstance(usage, Mapping) else {}
+
+
+def from_callback(kwargs: Mapping[str, Any], response_obj: Any, start_time: Any, end_time: Any, *,
+                  ok: bool) -> CallRecord:
+    """Build a :class:`CallRecord` from a success or failure callback's arguments."""
+    slo = kwargs.get("standard_logging_object") or {}
+    md = metadata_of(kwargs)
+    usage = _usage(response_obj) if ok else {}
+    prompt = usage.get("prompt_tokens", slo.get("prompt_tokens"))
+    completion = usage.get("completion_tokens", slo.get("completion_tokens"))
+    details_in = usage.get("prompt_tokens_details") or {}
+    details_out = usage.get("completion_tokens_details") or {}
+    exception = kwargs.get("exception")
+    error_info = slo.get("error_information") or {}
+    started, ended = _as_dt(start_time), _as_dt(end_time)
+    latency = slo.get("response_time")
+    latency_ms = float(latency) * 1000.0 if isinstance(latency, (int, float)) else (ended - started).total_seconds() * 1000.0
+    provider_model = getattr(response_obj, "model", None) if ok else None
+    hidden = getattr(response_obj, "_hidden_params", None) or {}
+    headers = (hidden.get("additional_headers") or {}) if isinstance(hidden, Mapping) else {}
+    litellm_params = kwargs.get("litellm_params") or {}
+    optional = kwargs.get("optional_params") or {}
+    return CallRecord(
+        ok=ok,
+        litellm_call_id=kwargs.get("litellm_call_id") or slo.get("litellm_call_id"),
+        call_type=str(slo.get("call_type") or kwargs.get("call_type") or "completion"),
+        stamp=md.get(STAMP_KEY) if isinstance(md.get(STAMP_KEY), Mapping) else None,
+        metadata=md,
+        model=slo.get("model") or kwargs.get("model"),
+        model_id=slo.get("model_id") or None,
+        model_group=slo.get("model_group") or None,
+        provider=kwargs.get("custom_llm_provider") or slo.get("custom_llm_provider"),
+        api_base=slo.get("api_base") or litellm_params.get("api_base"),
+        provider_model=provider_model if isinstance(provider_model, str) else None,
+        stream=bool(kwargs.get("stream") or slo.get("stream")),
+        prompt_tokens=int(prompt) if isinstance(prompt, (int, float)) and (ok or prompt) else None,
+        completion_tokens=int(completion) if isinstance(completion, (int, float)) and (ok or completion) else None,
+        cached_tokens=(details_in.get("cached_tokens") if isinstance(details_in, Mapping) else None) or None,
+        reasoning_tokens=(details_out.get("reasoning_tokens") if isinstance(details_out, Mapping) else None) or None,
+        litellm_cost=slo.get("response_cost") if ok else None,
+        latency_ms=latency_ms,
+        started_at=started,
+        ended_at=ended,
+        error_type=(type(exception).__name__ if exception is not None else error_info.get("error_class")) if not ok else None,
+        error_message=(str(exception) if exception is not None else slo.get("error_str")) if not ok else None,
+        exception=exception if isinstance(exception, BaseException) else None,
+        messages=kwargs.get("messages") if kwargs.get("messages") is not None else kwargs.get("input"),
+        tools=optional.get("tools") or kwargs.get("tools"),
+        mock=bool(litellm_params.get("mock_response") or kwargs.get("mock_response")),
+        headers=headers,
+    )

@@ -1,0 +1,203 @@
+"""The LiteLLM Router strategy: govern, then route among authorised, healthy, affordable endpoints.
+
+Registered with ``router.register_plugin(strategy)``. For every attempt (LiteLLM asks again on
+retries and fallbacks) it:
+
+1. validates the caller context (``metadata``);
+2. takes the group's deployments that are not cooling down in LiteLLM and whose circuit is
+   closed (or half-open and due a probe), drops those the caller is not authorised to use, and
+   those whose cheapest possible answer does not fit the tightest budget;
+3. asks the chooser (the learning bandit, or the cheapest-first rule) for one, with its propensity;
+4. reserves the worst case through the :class:`~tidyllm.governance.engine.Governor` and clamps
+   ``max_tokens`` to the headroom; stamps the admission into ``metadata["tidyllm"]``;
+5. returns the deployment.
+
+A refusal raises ``BudgetExceededError`` / ``RouteNotAuthorizedError`` (LiteLLM does not retry
+those) after the governor audited it: the provider is never contacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+
+from tidyllm.errors import MetadataError, RoutingError
+from tidyllm.governance.context import STAMP_KEY
+
+if TYPE_CHECKING:
+    from tidyllm.gateway.health import RouteHealth
+    from tidyllm.governance.context import CallContext
+    from tidyllm.governance.engine import Governor
+
+__all__ = ["Decision", "Chooser", "CheapestChooser", "build_strategy", "route_of", "TRIED_KEY"]
+
+log = logging.getLogger("tidyllm.routing")
+#: metadata key listing the routes already tried by this request (retries avoid them)
+TRIED_KEY = "tidyllm_tried"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A chooser's pick."""
+
+    route: str
+    propensity: float
+    policy: str
+    explored: bool = False
+    model_version: int = 0
+    scores: Mapping[str, float] = field(default_factory=dict)
+
+
+class Chooser(Protocol):
+    """Picks one route of ``candidates`` for a call context."""
+
+    name: str
+
+    def choose(self, context: Mapping[str, Any], group: str, candidates: Sequence[str],
+               prices: Mapping[str, float | None]) -> Decision: ...
+
+
+class CheapestChooser:
+    """The simple documented rule: the cheapest candidate (input + output price per 1M tokens),
+    ties broken by name; unpriced routes last."""
+
+    name = "cheapest"
+
+    def choose(self, context: Mapping[str, Any], group: str, candidates: Sequence[str],
+               prices: Mapping[str, float | None]) -> Decision:
+        ranked = sorted(candidates, key=lambda r: (prices.get(r) is None, prices.get(r) or 0.0, r))
+        return Decision(ranked[0], 1.0, self.name)
+
+
+def route_of(deployment: Mapping[str, Any]) -> str:
+    """The tidyllm route (gateway endpoint) a deployment serves."""
+    info = deployment.get("model_info") or {}
+    return str(info.get("tidyllm_route") or info.get("id") or deployment.get("model_name"))
+
+
+def build_strategy(router: Any, governor: "Governor", health: "RouteHealth", chooser: Chooser,
+                   gateway_routes: set[str] | None = None) -> Any:
+    """The strategy object to register with ``router.register_plugin``."""
+    from litellm.router import CustomRoutingStrategyBase
+
+    class GovernedRoutingStrategy(CustomRoutingStrategyBase):
+        """tidyllm's governed, health-aware routing (see :mod:`tidyllm.routing.strategy`)."""
+
+        def __init__(self) -> None:
+            self.router = router
+            self.governor = governor
+            self.health = health
+            self.chooser = chooser
+            self.gateway_routes = gateway_routes
+
+        # LiteLLM calls these two -------------------------------------------------------------
+        def get_available_deployment(self, model: str, messages: Any = None, input: Any = None,
+                                     specific_deployment: Any = False, request_kwargs: Any = None) -> Any:
+            group = self.router.registry().deployments(model) or []
+            ids = [d["model_info"]["id"] for d in group]
+            cooling = {m for m, *_ in self.router.health().cooldowns.get_active_cooldowns(ids, None)}
+            healthy = [d for d in group if d["model_info"]["id"] not in cooling]
+            return self._decide(model, healthy, messages, input, request_kwargs if request_kwargs is not None else {})
+
+        async def async_get_available_deployment(self, model: str, messages: Any = None, input: Any = None,
+                                                 specific_deployment: Any = False, request_kwargs: Any = None) -> Any:
+            request_kwargs = request_kwargs if request_kwargs is not None else {}
+            healthy = await self.router.select(model, request_kwargs, kind="healthy", messages=messages)
+            healthy = [healthy] if isinstance(healthy, Mapping) else list(healthy or [])
+            # the decision writes to the mart: keep that blocking work off the event loop
+            return await asyncio.to_thread(self._decide, model, healthy, messages, input, request_kwargs)
+
+        # the decision ---------------------------------------------------------------------------
+        def _decide(self, model: str, healthy: list[Mapping[str, Any]], messages: Any, input: Any,
+                    request_kwargs: dict[str, Any]) -> Any:
+            md = request_kwargs.setdefault("metadata", {})
+            if not isinstance(md, dict):
+                md = request_kwargs["metadata"] = dict(md or {})
+            previous = md.pop(STAMP_KEY, None)
+            tried = list(md.get(TRIED_KEY) or [])
+            if isinstance(previous, Mapping) and previous.get("route"):
+                tried.append(previous["route"])
+                md[TRIED_KEY] = tried
+            is_embedding = input is not None and messages is None
+            call_type = "embedding" if is_embedding else "completion"
+            gov = self.governor
+            try:
+                ctx = gov.context(md)
+            except MetadataError as err:
+                gov.refuse_metadata(err, metadata=md, route=model, requested_model=model, call_type=call_type,
+                                    messages=messages if messages is not None else input)
+            by_route = {route_of(d): d for d in healthy}
+            open_ = [r for r in by_route if not self.health.allow(r)]
+            candidates = [r for r in by_route if r not in open_]
+            # a retry avoids the routes that already failed for this request, when it has a choice
+            fresh = [r for r in candidates if r not in tried]
+            candidates = fresh or candidates
+            if not candidates:
+                self._no_route(ctx, model, call_type, messages, input, open_ or list(by_route))
+            refusals = {r: gov.check_authorized(ctx, r) for r in candidates}
+            allowed = [r for r in candidates if refusals[r] is None]
+            if not allowed:
+                gov.admit(ctx=ctx, route=candidates[0], requested_model=model, call_type=call_type,
+                          messages=messages, text=input)  # raises RouteNotAuthorizedError, audited
+            now_prices = {r: gov.prices.lookup(r) for r in allowed}
+            totals = {r: (p.input_per_1m + p.output_per_1m) if p else None for r, p in now_prices.items()}
+            affordable = self._affordable(ctx, model, allowed, now_prices, messages, input)
+            pool = affordable or sorted(allowed, key=lambda r: (totals[r] is None, totals[r] or 0.0))[:1]
+            decision = self.chooser.choose(ctx.as_dict() | {"model_group": model}, model, pool, totals)
+            if decision.route not in pool:
+                raise RoutingError(f"the {self.chooser.name} chooser picked {decision.route!r}, not a candidate")
+            stream = bool(request_kwargs.get("stream"))
+            admission = gov.admit(
+                ctx=ctx, route=decision.route, requested_model=model, call_type=call_type, messages=messages,
+                text=input, tools=request_kwargs.get("tools"), max_tokens=request_kwargs.get("max_tokens"),
+                stream=stream, mock=bool(by_route[decision.route].get("litellm_params", {}).get("mock_response")),
+                gateway=self.gateway_routes is None or decision.route in self.gateway_routes,
+                extra={"decision": {"policy": decision.policy, "propensity": decision.propensity,
+                                    "explored": decision.explored, "model_version": decision.model_version,
+                                    "candidates": list(pool), "group": model,
+                                    "features": ctx.as_dict() | {"model_group": model}}})
+            md[STAMP_KEY] = admission.stamp()
+            if not is_embedding:
+                request_kwargs["max_tokens"] = admission.max_tokens
+            self.health.picked(decision.route)
+            return by_route[decision.route]
+
+        def _affordable(self, ctx: "CallContext", model: str, allowed: list[str], prices: Mapping[str, Any],
+                        messages: Any, input: Any) -> list[str]:
+            headroom = self.governor.budgets.headroom(ctx, None, model)
+            if headroom is None:
+                return allowed
+            from tidyllm.governance.budgets import MIN_CLAMPED_TOKENS
+            from tidyllm.governance.engine import estimate_prompt_tokens
+
+            out = []
+            for r in allowed:
+                p = prices[r]
+                if p is None:
+                    out.append(r)
+                    continue
+                tokens = estimate_prompt_tokens(r, messages=messages, text=input)
+                least = (tokens * p.input_per_1m + (0 if input is not None else MIN_CLAMPED_TOKENS) * p.output_per_1m) / 1e6
+                if least <= headroom:
+                    out.append(r)
+            return out
+
+        def _no_route(self, ctx: "CallContext", model: str, call_type: str, messages: Any, input: Any,
+                      routes: list[str]) -> None:
+            from tidyllm.errors import RouteNotAuthorizedError
+
+            if routes:
+                why = f"every endpoint of {model!r} is unhealthy (circuit open: {', '.join(sorted(routes))}); retry later"
+            else:
+                why = f"model group {model!r} has no endpoint available"
+            err = RouteNotAuthorizedError(why, rule="no-healthy-route")
+            from tidyllm.mart.store import utcnow
+
+            self.governor._refuse(error=err, call_id=str(uuid.uuid4()), ctx=ctx, route=model, requested_model=model,
+                                  call_type=call_type, messages=messages if messages is not None else input,
+                                  tools=None, stream=False, now=utcnow())
+
+    return GovernedRoutingStrategy()
