@@ -30,6 +30,13 @@ def _hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
     yield
 
 
+def _import_litellm() -> Any:
+    from tidyllm._litellm import import_litellm
+
+    return import_litellm()
+
+
+_LITELLM = _import_litellm()
 _LITELLM_LISTS = ("callbacks", "success_callback", "failure_callback", "_async_success_callback",
                   "_async_failure_callback", "input_callback", "service_callback", "custom_provider_map")
 
@@ -37,18 +44,11 @@ _LITELLM_LISTS = ("callbacks", "success_callback", "failure_callback", "_async_s
 @pytest.fixture(autouse=True)
 def _restore_litellm() -> Iterator[None]:
     """Put LiteLLM's process-global callback lists, provider map and price map back after each test."""
-    litellm = sys.modules.get("litellm")
-    saved: dict[str, Any] = {}
-    if litellm is not None:
-        saved = {name: list(getattr(litellm, name)) for name in _LITELLM_LISTS if hasattr(litellm, name)}
-        saved_cost = dict(litellm.model_cost)
+    # LiteLLM is imported once for the session (see below) so there is always a state to restore
+    litellm = _LITELLM
+    saved = {name: list(getattr(litellm, name)) for name in _LITELLM_LISTS if hasattr(litellm, name)}
+    saved_cost = dict(litellm.model_cost)
     yield
-    litellm = sys.modules.get("litellm")
-    if litellm is None:
-        return
-    if not saved:  # litellm was first imported during this test: start from empty lists
-        saved = {name: [] for name in _LITELLM_LISTS if hasattr(litellm, name)}
-        saved_cost = None
     manager = getattr(litellm, "logging_callback_manager", None)
     for name, before in saved.items():
         current = getattr(litellm, name)
@@ -59,9 +59,8 @@ def _restore_litellm() -> Iterator[None]:
                 except Exception:  # noqa: BLE001 - best effort; the list reset below is authoritative
                     pass
         current[:] = before
-    if saved_cost is not None:
-        litellm.model_cost.clear()
-        litellm.model_cost.update(saved_cost)
+    litellm.model_cost.clear()
+    litellm.model_cost.update(saved_cost)
     try:
         from litellm.utils import custom_llm_setup
 

@@ -79,10 +79,11 @@ def make_callbacks(governor: "Governor", name: str,
 
         # --- settlement -------------------------------------------------------------------------
         def _dispatch(self, record: "CallRecord") -> None:
-            if record.provider == "tidyllm":
-                return  # the outer call of the tidyllm/ provider: its inner Router call is the governed one
             if record.stamp is not None:
+                # for tidyllm/ calls both the outer and the inner event carry the stamp; finish() is idempotent
                 governor.finish(record)
+            elif record.provider == "tidyllm":
+                return  # an outer tidyllm/ call whose inner Router call was refused (and audited) before routing
             elif isinstance(record.exception, GovernanceError):
                 return  # refused and audited by whoever refused it
             else:

@@ -34,8 +34,15 @@ def make_provider(get_router: Callable[[], Any]) -> Any:
     from litellm import CustomLLM
 
     def _request(model: str, messages: list, optional_params: dict, litellm_params: dict | None) -> dict[str, Any]:
-        md = dict(((litellm_params or {}).get("metadata")) or {})
-        md = {k: v for k, v in md.items() if k not in _INTERNAL}
+        # The inner Router call shares the outer call's metadata dict on purpose: the strategy's stamp
+        # then reaches whichever of the two success events LiteLLM delivers (it may suppress one as a
+        # duplicate of the other), and settlement is idempotent.
+        params = litellm_params if litellm_params is not None else {}
+        md = params.get("metadata")
+        if not isinstance(md, dict):
+            md = params["metadata"] = {}
+        for key in _INTERNAL & set(md):
+            md.pop(key)
         req: dict[str, Any] = {"model": model, "messages": messages, "metadata": md}
         for key in _FORWARD:
             if optional_params.get(key) is not None:

@@ -31,7 +31,9 @@ def _adbc_connect(store: "Store") -> Any:
     if store.dialect == "sqlite":
         import adbc_driver_sqlite.dbapi as adbc
 
-        return adbc.connect(url.database)
+        # read-only: a closing reader must never checkpoint or remove the -wal/-shm files that the
+        # writers' connections in this process still use (observed with a read-write ADBC connection)
+        return adbc.connect(f"file:{url.database}?mode=ro")
     import adbc_driver_postgresql.dbapi as adbc
 
     uri = url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -102,6 +104,12 @@ def _typed(values: "pd.Series", coltype: Any, parse_json: bool) -> "pd.Series":
         return pd.to_numeric(values, errors="coerce").astype("Int64")
     if isinstance(coltype, sa.JSON):
         if parse_json:
-            return values.map(lambda v: json.loads(v) if isinstance(v, str) else v)
-        return values.astype(object)
-    return values.astype(object)
+            return values.map(lambda v: json.loads(v) if isinstance(v, str) else None).astype(object)
+        return _text(values)
+    return _text(values)
+
+
+def _text(values: "pd.Series") -> "pd.Series":
+    """Text as ``object`` with ``None`` for missing (not NaN: an all-NULL column arrives as floats)."""
+    out = values.astype(object)
+    return out.where(out.notna(), None)

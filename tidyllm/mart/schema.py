@@ -27,6 +27,8 @@ from sqlalchemy import (
 metadata = MetaData()
 
 _ts = DateTime(timezone=True)
+#: Python None is stored as SQL NULL (not the JSON text "null") so "no value" reads back as missing
+_json = JSON(none_as_null=True)
 
 executions = Table(
     "executions",
@@ -34,12 +36,12 @@ executions = Table(
     Column("id", String(36), primary_key=True, comment="UUID of the tracked execution"),
     Column("module", String(100), nullable=False, comment="subsystem that ran it, e.g. 'gateway' or 'workflow'"),
     Column("operation", String(200), nullable=False, comment="what it did, e.g. 'mlflow_query'"),
-    Column("context", JSON, nullable=False, comment="caller context (department, route, ...) as given"),
+    Column("context", _json, nullable=False, comment="caller context (department, route, ...) as given"),
     Column("status", String(20), nullable=False, comment="running, success or error"),
     Column("started_at", _ts, nullable=False, comment="UTC start of the block"),
     Column("ended_at", _ts, comment="UTC end of the block; NULL while running"),
     Column("duration_ms", Float, comment="wall time of the block"),
-    Column("result", JSON, comment="what record_result() stored"),
+    Column("result", _json, comment="what record_result() stored"),
     Column("error_type", String(200), comment="exception class when the block raised"),
     Column("error_message", Text, comment="exception message when the block raised"),
     comment="One row per track_execution() block.",
@@ -54,7 +56,7 @@ execution_steps = Table(
            comment="the execution this step belongs to"),
     Column("seq", Integer, nullable=False, comment="order of the step within its execution, from 0"),
     Column("name", String(200), nullable=False, comment="step name given to record_step()"),
-    Column("data", JSON, nullable=False, comment="step payload given to record_step()"),
+    Column("data", _json, nullable=False, comment="step payload given to record_step()"),
     Column("recorded_at", _ts, nullable=False, comment="UTC time record_step() was called"),
     comment="Steps recorded inside a tracked execution.",
 )
@@ -67,11 +69,11 @@ outcomes = Table(
     Column("recorded_at", _ts, nullable=False, comment="UTC time it was learned"),
     Column("module", String(100), nullable=False, comment="subsystem the outcome is about"),
     Column("operation", String(200), comment="operation the outcome is about"),
-    Column("context", JSON, nullable=False, comment="context keys the outcome applies to (department, use_case, ...)"),
-    Column("parameters", JSON, nullable=False, comment="the configuration that produced it (route, model, ...)"),
+    Column("context", _json, nullable=False, comment="context keys the outcome applies to (department, use_case, ...)"),
+    Column("parameters", _json, nullable=False, comment="the configuration that produced it (route, model, ...)"),
     Column("performance_score", Float, comment="score in [0, 1]; higher is better"),
     Column("call_id", String(64), comment="LLM call this outcome scores, when it is feedback on one call"),
-    Column("data", JSON, nullable=False, comment="every other field given to learn_from_execution()"),
+    Column("data", _json, nullable=False, comment="every other field given to learn_from_execution()"),
     comment="Learned outcomes: what configuration scored how well in which context.",
 )
 Index("ix_outcomes_module", outcomes.c.module, outcomes.c.recorded_at)
@@ -136,10 +138,10 @@ audit_log = Table(
     Column("latency_ms", Float, comment="latency"),
     Column("error", Text, comment="error class and message (secrets redacted)"),
     Column("content_hash", String(64), comment="SHA-256 of the request messages (capture=hash or full)"),
-    Column("content", JSON, comment="the request messages (capture=full only)"),
-    Column("tools", JSON, comment="names of tools offered or called (never argument values unless capture=full)"),
+    Column("content", _json, comment="the request messages (capture=full only)"),
+    Column("tools", _json, comment="names of tools offered or called (never argument values unless capture=full)"),
     Column("trace_id", String(100), comment="MLflow trace id when the server gateway traced the call"),
-    Column("extra", JSON, comment="other facts (stream outcome, price version, ...)"),
+    Column("extra", _json, comment="other facts (stream outcome, price version, ...)"),
     Column("prev_digest", String(64), nullable=False, comment="digest of the previous row (chain link)"),
     Column("digest", String(64), nullable=False, comment="SHA-256 over this row's canonical content and prev_digest"),
     comment="Append-only, hash-chained audit trail: one row per governed call.",
@@ -188,7 +190,7 @@ reservations = Table(
     Column("id", String(36), primary_key=True, comment="UUID of the reservation (lease)"),
     Column("call_id", String(64), nullable=False, comment="llm_calls.id it pays for"),
     Column("amount_usd", Float, nullable=False, comment="worst-case amount held"),
-    Column("windows", JSON, nullable=False, comment="[[budget_id, window_start], ...] it is held against"),
+    Column("windows", _json, nullable=False, comment="[[budget_id, window_start], ...] it is held against"),
     Column("created_at", _ts, nullable=False, comment="UTC time reserved"),
     Column("expires_at", _ts, nullable=False, comment="lease end: after it the amount returns"),
     Column("status", String(20), nullable=False, comment="open, settled, released or expired"),
@@ -206,7 +208,7 @@ budget_events = Table(
     Column("at", _ts, nullable=False, comment="UTC time"),
     Column("budget_id", String(36), comment="budget concerned"),
     Column("kind", String(30), nullable=False, comment="soft_threshold, refused, expired_lease, clamped"),
-    Column("data", JSON, nullable=False, comment="numbers at the time (spent, reserved, limit, call id)"),
+    Column("data", _json, nullable=False, comment="numbers at the time (spent, reserved, limit, call id)"),
     comment="Budget warnings and notable events.",
 )
 
@@ -233,8 +235,8 @@ routing_decisions = Table(
     Column("department", String(200), comment="department (for per-department analysis)"),
     Column("use_case", String(200), comment="use case"),
     Column("model_group", String(300), comment="requested model group"),
-    Column("context", JSON, nullable=False, comment="features the bandit saw"),
-    Column("candidates", JSON, nullable=False, comment="authorised, healthy, affordable routes offered"),
+    Column("context", _json, nullable=False, comment="features the bandit saw"),
+    Column("candidates", _json, nullable=False, comment="authorised, healthy, affordable routes offered"),
     Column("route", String(300), nullable=False, comment="route chosen"),
     Column("propensity", Float, nullable=False, comment="probability the route was chosen with"),
     Column("explored", Boolean, nullable=False, default=False, comment="the pick was not the greedy one"),
@@ -258,7 +260,7 @@ bandit_state = Table(
     Column("version", Integer, nullable=False, comment="updates folded into the state"),
     Column("updated_at", _ts, nullable=False, comment="UTC time saved"),
     Column("last_decision_at", _ts, comment="rewarded decisions up to this time are folded in"),
-    Column("state", JSON, nullable=False, comment="the estimator's learned state"),
+    Column("state", _json, nullable=False, comment="the estimator's learned state"),
     comment="Snapshot of the learned router state, restored at start-up.",
 )
 
