@@ -47,6 +47,8 @@ class CallRecord:
     messages: Any
     tools: Any
     mock: bool
+    #: quality in [0, 1] the provider reported with the answer (the provider simulator does; real providers don't)
+    reported_quality: float | None = None
     headers: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -73,6 +75,11 @@ def _usage(response_obj: Any) -> Mapping[str, Any]:
     if hasattr(usage, "model_dump"):
         return usage.model_dump()
     return dict(usage) if isinstance(usage, Mapping) else {}
+
+
+def _quality(usage: Mapping[str, Any]) -> float | None:
+    value = usage.get("tidyllm_sim_quality")
+    return float(value) if isinstance(value, (int, float)) and 0.0 <= value <= 1.0 else None
 
 
 def from_callback(kwargs: Mapping[str, Any], response_obj: Any, start_time: Any, end_time: Any, *,
@@ -122,5 +129,6 @@ def from_callback(kwargs: Mapping[str, Any], response_obj: Any, start_time: Any,
         messages=kwargs.get("messages") if kwargs.get("messages") is not None else kwargs.get("input"),
         tools=optional.get("tools") or kwargs.get("tools"),
         mock=bool(litellm_params.get("mock_response") or kwargs.get("mock_response")),
+        reported_quality=_quality(usage),
         headers=headers,
     )

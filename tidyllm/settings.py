@@ -271,7 +271,8 @@ def _coerce(raw: Any, default: Any, key: str, origin: str) -> Any:
         raise ConfigurationError(f"{origin}: {key} must be true or false, got {raw!r}")
     if isinstance(default, (int, float)) or (default is None and key.endswith("random_state")):
         try:
-            number = float(raw) if not isinstance(default, int) or isinstance(default, bool) else int(raw)
+            whole = isinstance(default, int) or key.endswith("random_state")
+            number = int(raw) if whole else float(raw)
         except (TypeError, ValueError):
             if raw is None and default is None:
                 return None

@@ -17,15 +17,23 @@ from tidyllm.errors import TidyLLMError
 # (module, attribute) of each subcommand; imported only when the command runs or --help lists it,
 # so `tidyllm --help` stays fast.
 _COMMANDS = {
+    "audit": ("tidyllm.cli.audit", "audit"),
+    "budget": ("tidyllm.cli.budget", "budget"),
     "db": ("tidyllm.cli.db", "db"),
+    "demo": ("tidyllm.cli.demo", "demo"),
+    "forecast": ("tidyllm.cli.forecast", "forecast"),
     "gateway": ("tidyllm.cli.gateway", "gateway"),
+    "report": ("tidyllm.cli.report", "report"),
+    "routes": ("tidyllm.cli.routes", "routes"),
     "simulate": ("tidyllm.cli.simulate", "simulate"),
 }
 
 
 class _LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(_COMMANDS)
+        import importlib.util
+
+        return sorted(name for name, (module, _) in _COMMANDS.items() if importlib.util.find_spec(module))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in _COMMANDS:

@@ -123,7 +123,9 @@ class BudgetLedger:
         self._store = mart.store
         self.lease_ttl = float(lease_ttl_seconds)
         self.soft_threshold = float(soft_threshold)
-        self._budgets_cache: list[dict[str, Any]] | None = None
+        # (expires_at, rows): budgets change rarely, and selection outside the reserve transaction
+        # may be a second stale — the reservation itself always re-reads them under its lock
+        self._budgets_cache: tuple[float, list[dict[str, Any]]] | None = None
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -178,12 +180,17 @@ class BudgetLedger:
         return result.rowcount > 0
 
     def _all(self, conn: Connection | None = None) -> list[dict[str, Any]]:
-        # Budgets change rarely; every process re-reads them inside the reserve transaction
-        # anyway when it locks the window rows, so a short-lived cache is only for selection.
         if conn is not None:
             return [dict(r) for r in conn.execute(sa.select(budgets)).mappings()]
+        import time
+
+        cached = self._budgets_cache
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
         with self._store.begin() as c:
-            return [dict(r) for r in c.execute(sa.select(budgets)).mappings()]
+            rows = [dict(r) for r in c.execute(sa.select(budgets)).mappings()]
+        self._budgets_cache = (time.monotonic() + 1.0, rows)
+        return rows
 
     @staticmethod
     def applicable(rows: Iterable[dict[str, Any]], ctx: "CallContext", route: str | None,
@@ -335,10 +342,10 @@ class BudgetLedger:
     def headroom(self, ctx: "CallContext", route: str | None = None, model: str | None = None) -> float | None:
         """USD left in the tightest applicable budget now, or None when no budget applies."""
         now = utcnow()
+        applicable = self.applicable(self._all(), ctx, route, model)
+        if not applicable:
+            return None
         with self._store.begin() as conn:
-            applicable = self.applicable(self._all(conn), ctx, route, model)
-            if not applicable:
-                return None
             left = []
             for b in applicable:
                 start, _ = window_bounds(b["period"], now, self.tz)

@@ -75,4 +75,5 @@ _LITELLM_OWN_KEYS = frozenset({
     "model_group", "original_model_group", "model_group_size", "attempted_retries", "attempted_fallbacks",
     "max_retries", "deployment", "api_base", "caching_groups", "previous_models", "request_retry_count",
     "litellm_trace_id", "model_group_alias", "deployment_model_name", "user_api_key", "hidden_params",
+    "tidyllm_call_id", "tidyllm_tried",
 })

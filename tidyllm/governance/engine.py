@@ -137,11 +137,12 @@ class Governor:
     def admit(self, *, ctx: CallContext, route: str, requested_model: str, call_type: str = "completion",
               messages: Any = None, text: Any = None, tools: Any = None, max_tokens: int | None = None,
               stream: bool = False, mock: bool = False, gateway: bool = True, call_id: str | None = None,
-              extra: Mapping[str, Any] | None = None) -> Admission:
+              extra: Mapping[str, Any] | None = None, prompt_tokens: int | None = None) -> Admission:
         """Authorise, rate-limit, price and reserve; raise a governance error (after auditing it) when refused.
 
         ``route`` is the endpoint/deployment that will serve the call; ``gateway`` says whether it
-        resolves to a configured gateway endpoint (``governance.gateway_only``)."""
+        resolves to a configured gateway endpoint (``governance.gateway_only``); ``prompt_tokens`` is
+        the caller's own upper estimate, when it already made one."""
         from tidyllm.errors import BudgetExceededError, RateLimitedError, RouteNotAuthorizedError
 
         call_id = call_id or str(uuid.uuid4())
@@ -161,7 +162,8 @@ class Governor:
 
         price = self.prices.lookup(route, now) or (self.prices.lookup(requested_model, now)
                                                    if requested_model != route else None)
-        prompt_tokens = estimate_prompt_tokens(route, messages=messages, text=text, tools=tools)
+        if prompt_tokens is None:
+            prompt_tokens = estimate_prompt_tokens(route, messages=messages, text=text, tools=tools)
         out_tokens = 0 if is_embedding else int(max_tokens or self.settings.default_max_tokens)
         if mock and not is_embedding:
             out_tokens = max(out_tokens, MOCK_COMPLETION_TOKENS)

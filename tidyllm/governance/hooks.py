@@ -70,7 +70,7 @@ def make_callbacks(governor: "Governor", name: str,
                 messages=None if is_embedding else messages, text=text if is_embedding else None,
                 tools=kwargs.get("tools"), max_tokens=kwargs.get("max_tokens"), stream=bool(kwargs.get("stream")),
                 mock=bool(kwargs.get("mock_response")), gateway=is_gateway,
-                call_id=kwargs.get("litellm_call_id"))
+                call_id=(md.get("tidyllm_call_id") if isinstance(md, dict) else None) or kwargs.get("litellm_call_id"))
             new = dict(kwargs)
             new["metadata"] = {**(md if isinstance(md, dict) else {}), STAMP_KEY: admission.stamp()}
             if not is_embedding:

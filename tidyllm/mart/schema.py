@@ -242,6 +242,7 @@ routing_decisions = Table(
     Column("explored", Boolean, nullable=False, default=False, comment="the pick was not the greedy one"),
     Column("policy", String(50), nullable=False, comment="bandit, cheapest, fixed"),
     Column("model_version", Integer, nullable=False, default=0, comment="bandit updates seen when deciding"),
+    Column("instance", String(64), comment="process that decided (others replay its rewards into their bandit)"),
     Column("reward", Float, comment="reward in [0, 1] once known"),
     Column("quality", Float, comment="quality score in [0, 1] once known"),
     Column("cost_usd", Float, comment="cost of the call"),

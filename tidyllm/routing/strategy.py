@@ -32,11 +32,13 @@ if TYPE_CHECKING:
     from tidyllm.governance.context import CallContext
     from tidyllm.governance.engine import Governor
 
-__all__ = ["Decision", "Chooser", "CheapestChooser", "build_strategy", "route_of", "TRIED_KEY"]
+__all__ = ["Decision", "Chooser", "CheapestChooser", "build_strategy", "route_of", "TRIED_KEY", "CALL_ID_KEY"]
 
 log = logging.getLogger("tidyllm.routing")
 #: metadata key listing the routes already tried by this request (retries avoid them)
 TRIED_KEY = "tidyllm_tried"
+#: metadata key a caller may set to choose the call id of its request
+CALL_ID_KEY = "tidyllm_call_id"
 
 
 @dataclass(frozen=True)
@@ -142,18 +144,27 @@ def build_strategy(router: Any, governor: "Governor", health: "RouteHealth", cho
             if not allowed:
                 gov.admit(ctx=ctx, route=candidates[0], requested_model=model, call_type=call_type,
                           messages=messages, text=input)  # raises RouteNotAuthorizedError, audited
+            from tidyllm.governance.engine import estimate_prompt_tokens
+
+            tools = request_kwargs.get("tools")
+            prompt_tokens = estimate_prompt_tokens(model, messages=messages, text=input, tools=tools)
             now_prices = {r: gov.prices.lookup(r) for r in allowed}
             totals = {r: (p.input_per_1m + p.output_per_1m) if p else None for r, p in now_prices.items()}
-            affordable = self._affordable(ctx, model, allowed, now_prices, messages, input)
+            affordable = self._affordable(ctx, model, allowed, now_prices, prompt_tokens, is_embedding)
             pool = affordable or sorted(allowed, key=lambda r: (totals[r] is None, totals[r] or 0.0))[:1]
             decision = self.chooser.choose(ctx.as_dict() | {"model_group": model}, model, pool, totals)
             if decision.route not in pool:
                 raise RoutingError(f"the {self.chooser.name} chooser picked {decision.route!r}, not a candidate")
             stream = bool(request_kwargs.get("stream"))
+            # a caller may name the call (metadata["tidyllm_call_id"]) to find its rows; retries get suffixes
+            wanted = md.get(CALL_ID_KEY)
+            call_id = (str(wanted) if not tried else f"{wanted}#{len(tried)}") if wanted else None
             admission = gov.admit(
                 ctx=ctx, route=decision.route, requested_model=model, call_type=call_type, messages=messages,
-                text=input, tools=request_kwargs.get("tools"), max_tokens=request_kwargs.get("max_tokens"),
-                stream=stream, mock=bool(by_route[decision.route].get("litellm_params", {}).get("mock_response")),
+                text=input, tools=tools, max_tokens=request_kwargs.get("max_tokens"), prompt_tokens=prompt_tokens,
+                stream=stream, call_id=call_id,
+                mock=bool(by_route[decision.route].get("litellm_params", {}).get("mock_response")
+                          or request_kwargs.get("mock_response")),
                 gateway=self.gateway_routes is None or decision.route in self.gateway_routes,
                 extra={"decision": {"policy": decision.policy, "propensity": decision.propensity,
                                     "explored": decision.explored, "model_version": decision.model_version,
@@ -166,24 +177,16 @@ def build_strategy(router: Any, governor: "Governor", health: "RouteHealth", cho
             return by_route[decision.route]
 
         def _affordable(self, ctx: "CallContext", model: str, allowed: list[str], prices: Mapping[str, Any],
-                        messages: Any, input: Any) -> list[str]:
+                        prompt_tokens: int, is_embedding: bool) -> list[str]:
+            """The routes whose cheapest possible answer fits the tightest applicable budget."""
             headroom = self.governor.budgets.headroom(ctx, None, model)
             if headroom is None:
                 return allowed
             from tidyllm.governance.budgets import MIN_CLAMPED_TOKENS
-            from tidyllm.governance.engine import estimate_prompt_tokens
 
-            out = []
-            for r in allowed:
-                p = prices[r]
-                if p is None:
-                    out.append(r)
-                    continue
-                tokens = estimate_prompt_tokens(r, messages=messages, text=input)
-                least = (tokens * p.input_per_1m + (0 if input is not None else MIN_CLAMPED_TOKENS) * p.output_per_1m) / 1e6
-                if least <= headroom:
-                    out.append(r)
-            return out
+            out_tokens = 0 if is_embedding else MIN_CLAMPED_TOKENS
+            return [r for r in allowed if prices[r] is None
+                    or (prompt_tokens * prices[r].input_per_1m + out_tokens * prices[r].output_per_1m) / 1e6 <= headroom]
 
         def _no_route(self, ctx: "CallContext", model: str, call_type: str, messages: Any, input: Any,
                       routes: list[str]) -> None:
