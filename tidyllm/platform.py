@@ -192,6 +192,27 @@ class Platform:
             return
         self.routes.record(admission.route, record.ok, record.latency_ms)
 
+    def wait_for_call(self, call_id: str, timeout: float = 15.0) -> dict[str, Any]:
+        """The ``llm_calls`` row of ``call_id`` once it is settled (sync success callbacks run on LiteLLM's
+        logging threads, a moment after the call returns). Raises ``TimeoutError`` after ``timeout`` s."""
+        import time
+
+        import sqlalchemy as sa
+
+        from tidyllm.mart.schema import llm_calls
+
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            with self.mart.store.begin() as conn:
+                row = conn.execute(sa.select(llm_calls).where(llm_calls.c.id == call_id)).mappings().first()
+            if row is not None and row["status"] != "pending":
+                return dict(row)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"call {call_id} was not settled within {timeout} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
     # --- reporting ------------------------------------------------------------------------------
 
     def calls(self, **filters: Any) -> "pd.DataFrame":

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from tidyllm._litellm import import_litellm
 from tidyllm.errors import ConfigurationError
+from tidyllm.gateway.client import embeddings_api_base
 
 if TYPE_CHECKING:
     from tidyllm.platform import Platform
@@ -29,15 +30,17 @@ def model_list(platform: "Platform") -> list[dict[str, Any]]:
     deployments = []
     for route in handle.config.routes:
         price = platform.prices.lookup(route.name)
-        params: dict[str, Any] = {"model": f"openai/{route.name}", "api_base": handle.api_base,
-                                  "api_key": _PLACEHOLDER_KEY}
+        embedding = "embeddings" in route.endpoint_type
+        # the tracking server serves embeddings on its OpenAI passthrough, not under /gateway/mlflow/v1
+        base = embeddings_api_base(handle.uri, handle.mode) if embedding else handle.api_base
+        params: dict[str, Any] = {"model": f"openai/{route.name}", "api_base": base, "api_key": _PLACEHOLDER_KEY}
         if price is not None:
             # LiteLLM would otherwise cost an MLflow endpoint name at $0 silently
             params["input_cost_per_token"] = price.input_per_1m / 1e6
             params["output_cost_per_token"] = price.output_per_1m / 1e6
         if headers:
             params["extra_headers"] = dict(headers)
-        info = {"tidyllm_route": route.name, "mode": "embedding" if "embeddings" in route.endpoint_type else "chat"}
+        info = {"tidyllm_route": route.name, "mode": "embedding" if embedding else "chat"}
         group = route.group or route.name
         deployments.append({"model_name": group, "litellm_params": dict(params),
                             "model_info": {**info, "id": route.name}})
