@@ -49,16 +49,10 @@ def _restore_litellm() -> Iterator[None]:
     saved = {name: list(getattr(litellm, name)) for name in _LITELLM_LISTS if hasattr(litellm, name)}
     saved_cost = dict(litellm.model_cost)
     yield
-    manager = getattr(litellm, "logging_callback_manager", None)
+    # restore each list exactly (never remove_callback_from_all_lists: it would also take a callback a
+    # module-scoped fixture registered out of litellm.callbacks)
     for name, before in saved.items():
-        current = getattr(litellm, name)
-        for item in list(current):
-            if item not in before and manager is not None and not isinstance(item, str):
-                try:
-                    manager.remove_callback_from_all_lists(item)
-                except Exception:  # noqa: BLE001 - best effort; the list reset below is authoritative
-                    pass
-        current[:] = before
+        getattr(litellm, name)[:] = before
     litellm.model_cost.clear()
     litellm.model_cost.update(saved_cost)
     try:
