@@ -52,8 +52,6 @@ def status(config: str | None, database_url: str | None) -> None:
 @settings_options
 def evaluate(bootstrap: int, seed: int, config: str | None, database_url: str | None) -> None:
     """Estimate (IPS, SNIPS, doubly robust) what the current bandit and each fixed route would have earned."""
-    import pandas as pd
-
     from tidyllm.routing import evaluate as ope
 
     p = platform(config, database_url)
@@ -61,5 +59,6 @@ def evaluate(bootstrap: int, seed: int, config: str | None, database_url: str | 
     policies: list = [route for route in sorted(decisions["route"].unique())]
     if p.settings.routing.strategy == "bandit":
         policies.insert(0, p.chooser().bandit)
-    frames = [ope(policy, decisions, n_bootstrap=bootstrap, random_state=seed).to_frame() for policy in policies]
-    echo_frame(pd.concat(frames, ignore_index=True))
+    for policy in policies:
+        click.echo(str(ope(policy, decisions, n_bootstrap=bootstrap, random_state=seed)))
+        click.echo("")
