@@ -215,6 +215,12 @@ class Platform:
 
     # --- reporting ------------------------------------------------------------------------------
 
+    def forecast(self, hours: int = 24) -> "pd.DataFrame":
+        """Predicted requests and spend per route and per department for the coming ``hours``."""
+        from tidyllm.forecast import forecast
+
+        return forecast(self.mart, hours=hours)
+
     def calls(self, **filters: Any) -> "pd.DataFrame":
         """The ``llm_calls`` table."""
         return self.mart.frame("llm_calls", **filters)

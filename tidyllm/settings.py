@@ -80,17 +80,19 @@ class RoutingSettings:
     strategy: str = "bandit"
     #: minimum probability mass spread over all candidates (exploration floor)
     exploration_floor: float = 0.05
-    #: per-decision discount of past evidence (1.0 = never forget)
-    discount: float = 0.995
+    #: per-update discount of past evidence (1.0 = never forget; 0.998 remembers about 500 rewards)
+    discount: float = 0.998
     #: cap on the share of a department's traffic that may explore (0..1)
     max_exploration_share: float = 0.2
     #: per-department override of ``max_exploration_share``
     exploration_share_by_department: Mapping[str, float] = field(default_factory=dict)
-    #: reward weights (quality, cost, latency, failure) and per-department overrides
+    #: reward weights on quality, cost and latency (a failed call always scores 0)
     weights: Mapping[str, float] = field(default_factory=lambda: {"quality": 0.6, "cost": 0.2, "latency": 0.2})
+    #: per-department overrides of ``weights``
     weights_by_department: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     #: seconds between refreshes of the learned state from the shared mart
     refresh_seconds: float = 30.0
+    #: seed of the router's random draws (None = fresh entropy)
     random_state: int | None = None
 
 
@@ -98,7 +100,9 @@ class RoutingSettings:
 class Settings:
     """Every tidyllm setting. Build it with :func:`load_settings`; pass it to entry points."""
 
+    #: SQLAlchemy URL of the mart: ``sqlite:///path.db`` or ``postgresql+psycopg://user:pass@host/db``
     database_url: str = field(default_factory=default_database_url)
+    #: base URL of the running MLflow gateway (legacy server or tracking server), e.g. ``http://127.0.0.1:5000``
     gateway_uri: str | None = None
     #: "legacy" (``mlflow gateway start``) or "server" (tracking-server AI Gateway)
     gateway_mode: str = "legacy"
@@ -106,15 +110,19 @@ class Settings:
     gateway_config: str | None = None
     #: MLflow basic-auth credentials for the server gateway (never logged or stored)
     mlflow_username: str | None = dataclasses.field(default=None, repr=False)
+    #: its password (from the environment; never put it in a file)
     mlflow_password: str | None = dataclasses.field(default=None, repr=False)
     #: default caller context merged under each call's metadata
     defaults: Mapping[str, str] = field(default_factory=dict)
+    #: budgets, authorisation and lease knobs (section below)
     governance: GovernanceSettings = field(default_factory=GovernanceSettings)
+    #: what the audit trail keeps of each request (section below)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    #: the learning router (section below)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     #: budgets applied at install: [{scope, name, limit_usd, period}]
     budgets: tuple[Mapping[str, Any], ...] = ()
-    #: authorisation rules: [{departments, sensitivity, routes, tags, allow}]
+    #: authorisation rules: [{name, departments, users, sensitivity, routes, deny_routes, require_tags}]
     authorization: tuple[Mapping[str, Any], ...] = ()
     #: explicit prices: [{model, input_per_1m, output_per_1m, effective}]
     prices: tuple[Mapping[str, Any], ...] = ()
