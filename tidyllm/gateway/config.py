@@ -34,6 +34,7 @@ from tidyllm.errors import GatewayConfigError
 from tidyllm.settings import SENSITIVITY_CLASSES
 
 __all__ = [
+    "DEFAULT_SENSITIVITY",
     "ENDPOINT_TYPES",
     "PROVIDER_CONFIG_KEYS",
     "GatewayConfig",
@@ -175,6 +176,10 @@ class Route:
     fallbacks: tuple[str, ...] = ()
     #: one MLflow trace per call on the tracking-server flavour
     usage_tracking: bool = True
+
+    def __hash__(self) -> int:
+        # config and tags are mappings; a route is identified by its name within a file
+        return hash((self.name, self.endpoint_type, self.provider, self.model_name))
 
     def price_at(self, when: dt.date | dt.datetime | None = None) -> Price | None:
         """The price in force on ``when`` (default: today, UTC), or ``None`` if none is yet."""
@@ -372,9 +377,6 @@ class _Parser:
                                      f"allowed: routes, endpoints")
         endpoints = self._list(data, "endpoints") if "endpoints" in data else None
         entries = self._list(data, "routes") if "routes" in data else []
-        if endpoints is None and not entries:
-            raise GatewayConfigError(f"{self.source}: no routes; list them under 'routes:' (seed format) "
-                                     f"or 'endpoints:' (MLflow 3 format)")
         route_items, split_items = [], []
         for index, item in enumerate(entries):
             # MLflow 3 puts only traffic splits under routes:; the seed puts endpoints there.
@@ -384,6 +386,9 @@ class _Parser:
         routes = [self.route(item, f"{'endpoints' if endpoints is not None else 'routes'}[{i}]")
                   for i, item in route_items]
         splits = [self.split(item, f"routes[{i}]") for i, item in split_items]
+        if not routes:
+            raise GatewayConfigError(f"{self.source}: no routes; list them under 'routes:' (seed format) "
+                                     f"or 'endpoints:' (MLflow 3 format)")
         seen: set[str] = set()
         for name in [r.name for r in routes] + [s.name for s in splits]:
             if name in seen:

@@ -29,10 +29,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from tidyllm.errors import GatewayError
 from tidyllm.gateway.client import Auth, api_base
+
+if TYPE_CHECKING:
+    from tidyllm.gateway.config import GatewayConfig
 
 __all__ = ["GatewayProcess", "free_port", "start_gateway"]
 
@@ -51,8 +54,9 @@ _SERVER_DEFAULTS = {
 }
 #: both flavours: no usage telemetry sent to MLflow's servers from a corporate gateway
 _COMMON_DEFAULTS = {"MLFLOW_DISABLE_TELEMETRY": "true"}
-_PORT_IN_USE = ("Address already in use", "Connection in use")
-_GUNICORN_DIED = ("Shutting down: Master", "Worker failed to boot")
+#: lower-case markers in MLflow's log: gunicorn/uvicorn could not bind, or gunicorn gave up
+_PORT_IN_USE = ("address already in use", "connection in use")
+_GUNICORN_DIED = ("shutting down: master", "worker failed to boot")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -164,21 +168,26 @@ class GatewayProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             tail = self.log_tail(40)
-            if self._popen.poll() is not None or any(m in tail for m in _GUNICORN_DIED + _PORT_IN_USE):
-                in_use = any(m in tail for m in _PORT_IN_USE)
+            seen = tail.lower()
+            if self._popen.poll() is not None or any(m in seen for m in _GUNICORN_DIED + _PORT_IN_USE):
+                in_use = any(m in seen for m in _PORT_IN_USE)
                 code = self._popen.poll()
                 self.stop()
                 reason = (f"port {self.port} on {self.host} is already in use; choose another with --port"
                           if in_use else f"it exited (code {code})" if code is not None else "its server died")
                 raise GatewayError(f"the MLflow {self.mode} gateway did not start: {reason}. "
-                                   f"Last lines of {self.log_path}:\n{tail}")
+                                   f"Last lines of {self._log_name()}:\n{tail}")
             if _healthy(self.uri):
                 return
             time.sleep(0.2)
         tail = self.log_tail()
         self.stop()
         raise GatewayError(f"the MLflow {self.mode} gateway did not answer {self.uri}/health within {timeout:.0f} s; "
-                           f"raise the timeout on a slow machine. Last lines of its log:\n{tail}")
+                           f"raise the timeout on a slow machine. Last lines of {self._log_name()}:\n{tail}")
+
+    def _log_name(self) -> str:
+        # a temporary run directory is gone once stopped: do not point at a file that no longer exists
+        return "MLflow's log" if self._remove_run_dir else str(self.log_path)
 
 
 def _healthy(uri: str) -> bool:
@@ -212,47 +221,29 @@ def start_gateway(config: Any = None, mode: str = "legacy", host: str = "127.0.0
         raise GatewayError(f"unknown gateway mode {mode!r}; use 'legacy' or 'server'")
     if workers < 1:
         raise GatewayError(f"workers must be at least 1, got {workers}")
-    if config is None and mode == "legacy":
-        raise GatewayError("the legacy gateway needs a routes file (--config)")
     environ = {**os.environ, **(env or {})}
     cfg = load_gateway_config(config) if config is not None else None
+    # everything that can be wrong with the file is found before a process starts
+    if cfg is not None:
+        cfg.check_secrets(environ)
     if port is None:
         port = free_port(host)
     else:
         _check_port(host, port)
-    if mode == "legacy" and cfg is not None:
-        cfg.check_secrets(environ)
-        if any(r.fallbacks for r in cfg.routes):
-            _log.warning("%s: the legacy gateway has no fallbacks; 'fallbacks:' apply only with --mode server",
-                         cfg.source)
-        run_dir = Path(tempfile.mkdtemp(prefix="tidyllm-gateway-"))
-        try:
-            yaml_path = cfg.to_mlflow_yaml(run_dir / "gateway.yaml", environ)
-            child_env = {**_COMMON_DEFAULTS, **environ, **cfg.legacy_environment(environ)}
-        except BaseException:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            raise
-        argv = [sys.executable, "-m", "mlflow", "gateway", "start", "--config-path", str(yaml_path),
-                "--host", host, "--port", str(port), "--workers", str(workers)]
-        gateway = _spawn(argv, child_env, mode, host, port, run_dir, remove_run_dir=True)
+    if mode == "legacy":
+        if cfg is None:
+            raise GatewayError("the legacy gateway needs a routes file (--config)")
+        gateway = _start_legacy(cfg, environ, host, port, workers)
     else:
-        remove = data_dir is None
-        run_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="tidyllm-mlflow-"))
-        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        child_env = {**_COMMON_DEFAULTS, **_SERVER_DEFAULTS, **environ,
-                     "MLFLOW_GATEWAY_URI": f"http://{host}:{port}"}
-        child_env.setdefault("MLFLOW_CRYPTO_KEK_PASSPHRASE", _local_secret(run_dir / "kek_passphrase"))
-        argv = [sys.executable, "-m", "mlflow", "server",
-                "--backend-store-uri", f"sqlite:///{run_dir / 'mlflow.db'}",
-                "--default-artifact-root", str(run_dir / "artifacts"), "--no-serve-artifacts",
-                "--host", host, "--port", str(port), "--workers", str(workers)]
-        if auth is not None:
-            argv += ["--app-name", "basic-auth"]
-            child_env.update(_basic_auth_env(run_dir, auth, child_env))
-        gateway = _spawn(argv, child_env, mode, host, port, run_dir, remove_run_dir=remove)
+        if cfg is not None:
+            from tidyllm.gateway.sync import server_spec
+
+            for route in cfg.routes:
+                server_spec(cfg, route, environ)
+        gateway = _start_server(environ, host, port, workers, data_dir, auth)
     try:
         gateway._wait_healthy(timeout)
-        if mode == "server" and cfg is not None:
+        if cfg is not None and mode == "server":
             from tidyllm.gateway.sync import sync_gateway
 
             sync_gateway(gateway.uri, cfg, auth=auth, environ=environ)
@@ -260,6 +251,41 @@ def start_gateway(config: Any = None, mode: str = "legacy", host: str = "127.0.0
         gateway.stop()
         raise
     return gateway
+
+
+def _start_legacy(cfg: GatewayConfig, environ: dict[str, str], host: str, port: int, workers: int) -> GatewayProcess:
+    if any(r.fallbacks for r in cfg.routes):
+        _log.warning("%s: the legacy gateway has no fallbacks; 'fallbacks:' apply only with --mode server",
+                     cfg.source)
+    run_dir = Path(tempfile.mkdtemp(prefix="tidyllm-gateway-"))
+    try:
+        yaml_path = cfg.to_mlflow_yaml(run_dir / "gateway.yaml", environ)
+        child_env = {**_COMMON_DEFAULTS, **environ, **cfg.legacy_environment(environ)}
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    argv = [sys.executable, "-m", "mlflow", "gateway", "start", "--config-path", str(yaml_path),
+            "--host", host, "--port", str(port), "--workers", str(workers)]
+    return _spawn(argv, child_env, "legacy", host, port, run_dir, remove_run_dir=True)
+
+
+def _start_server(environ: dict[str, str], host: str, port: int, workers: int,
+                  data_dir: str | os.PathLike[str] | None, auth: Auth | None) -> GatewayProcess:
+    run_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="tidyllm-mlflow-"))
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    child_env = {**_COMMON_DEFAULTS, **_SERVER_DEFAULTS, **environ, "MLFLOW_GATEWAY_URI": f"http://{host}:{port}"}
+    child_env.setdefault("MLFLOW_CRYPTO_KEK_PASSPHRASE", _local_secret(run_dir / "kek_passphrase"))
+    argv = [sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{run_dir / 'mlflow.db'}",
+            "--default-artifact-root", str(run_dir / "artifacts"), "--no-serve-artifacts",
+            "--host", host, "--port", str(port), "--workers", str(workers),
+            # the gateway caches endpoint configs where the REST handlers cannot invalidate them:
+            # a sync takes effect after this many seconds (MLflow's minimum; its default is 60)
+            "--secrets-cache-ttl", child_env.get("MLFLOW_SERVER_SECRETS_CACHE_TTL", "10")]
+    if auth is not None:
+        argv += ["--app-name", "basic-auth"]
+        child_env.update(_basic_auth_env(run_dir, auth, child_env))
+    return _spawn(argv, child_env, "server", host, port, run_dir, remove_run_dir=data_dir is None)
 
 
 def _spawn(argv: list[str], env: dict[str, str], mode: str, host: str, port: int, run_dir: Path, *,

@@ -336,6 +336,9 @@ def server_spec(cfg: GatewayConfig, route: Route, environ: Mapping[str, str]) ->
         auth = {k: v for k in options if not is_secret_key(k) and (v := get(k, options)) is not None}
     else:  # groq, deepseek, xai, openrouter, ollama: OpenAI-compatible
         secret, auth = pick({"api_key": "api_key"}), pick({"api_base": "api_base"})
+        if provider == "ollama":
+            # the server builds these providers' config with a required key; Ollama ignores it
+            secret.setdefault("api_key", "ollama")
     return _ModelSpec(provider=provider, model_name=route.model_name, auth_config=auth, secret=secret)
 
 

@@ -11,12 +11,9 @@ carried through unchanged.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterator, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from tidyllm._litellm import import_litellm
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["make_provider", "PROVIDER"]
 
