@@ -82,7 +82,9 @@ class Refusal:
 
 def usd(amount: float) -> str:
     """Dollars for messages: cents for whole amounts, significant digits for small ones."""
-    return f"${amount:,.2f}" if abs(amount) >= 1 or amount == 0 else f"${amount:.4g}"
+    if abs(amount) >= 1 or amount == 0:
+        return f"${amount:,.2f}"
+    return f"${amount:.4f}" if abs(amount) >= 0.01 else f"${amount:.6f}"
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
@@ -381,6 +383,7 @@ class BudgetLedger:
                 w = conn.execute(sa.select(budget_windows.c.spent_usd, budget_windows.c.reserved_usd).where(
                     (budget_windows.c.budget_id == b["id"]) & (budget_windows.c.window_start == start))).first()
                 spent, reserved = (w[0], w[1]) if w else (0.0, 0.0)
+                reserved = reserved if reserved > 1e-12 else 0.0  # float residue of reserve/settle pairs
                 rows.append({"scope": b["scope"], "name": b["name"], "period": b["period"],
                              "limit_usd": b["limit_usd"], "spent_usd": spent, "reserved_usd": max(reserved, 0.0),
                              "remaining_usd": max(b["limit_usd"] - spent - reserved, 0.0),

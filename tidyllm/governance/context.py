@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from tidyllm.errors import MetadataError
 
 __all__ = ["CallContext", "CONTEXT_KEYS", "STAMP_KEY"]
 
@@ -35,6 +34,9 @@ class CallContext:
                       sensitivity_classes: tuple[str, ...] = ("public", "internal", "confidential", "restricted"),
                       require_audit: bool = False) -> "CallContext":
         """Validate ``metadata`` (a dict or None) with ``defaults`` underneath."""
+        # imported here: the refusal classes are built on LiteLLM's, which is slow to import
+        from tidyllm.errors import MetadataError
+
         if metadata is None:
             metadata = {}
         if not isinstance(metadata, Mapping):

@@ -129,7 +129,8 @@ class AuthorizationPolicy:
                 if why:
                     who = ", ".join(f"{k}={v}" for k, v in (("department", ctx.department), ("user", ctx.user_id),
                                                               ("sensitivity", ctx.data_sensitivity)) if v)
-                    return rule.name, f"rule {rule.name!r} ({who or 'any caller'}): {why}; route {route.name!r} is not"
+                    return rule.name, (f"rule {rule.name!r} ({who or 'any caller'}): {why}, so route "
+                                       f"{route.name!r} may not be used")
         return None
 
     def allowed(self, ctx: "CallContext", routes: Sequence[RouteFacts]) -> list[RouteFacts]:
