@@ -63,7 +63,9 @@ class TidyLLMGateway:
         target = route_optimization or model or self.enterprise_config.default_model
         response = self.platform.router().completion(model=target, messages=list(messages), metadata=metadata,
                                                      **kwargs)
-        return self._result(response, call_id)
+        # the governed strategy stamps the attempt that answered (a retry has its own id) into metadata
+        stamp = metadata.get("tidyllm")
+        return self._result(response, stamp["call_id"] if isinstance(stamp, dict) else call_id)
 
     async def acompletion(self, model: str | None = None, messages: list[Mapping[str, Any]] | None = None,
                           **kwargs: Any) -> dict[str, Any]:
@@ -96,5 +98,5 @@ class TidyLLMGateway:
         """Run a request dict (keys as :meth:`completion`'s arguments) through the governed gateway."""
         request = dict(governed_request)
         allowed = {"model", "messages", "user_id", "department", "audit_reason", "use_case", "data_sensitivity",
-                   "route_optimization", "max_tokens", "temperature"}
+                   "route_optimization", "max_tokens", "temperature", "extra_body", "tools", "tool_choice"}
         return self.completion(**{k: v for k, v in request.items() if k in allowed})

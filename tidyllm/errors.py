@@ -16,6 +16,7 @@ need ``litellm``, which takes seconds to import), so ``import tidyllm.errors`` s
     │   ├── BudgetExceededError     *also* ``litellm.BudgetExceededError`` (not retried by LiteLLM)
     │   ├── RouteNotAuthorizedError *also* ``litellm.BudgetExceededError``'s no-retry contract
     │   └── RateLimitedError        *also* no-retry; carries ``retry_after`` seconds
+    ├── InsufficientHistoryError    too little call history to forecast load
     ├── GatewayError                an MLflow gateway cannot be started, reached or provisioned
     └── RoutingError                the router has no candidate, or the bandit got bad input
 """
@@ -36,6 +37,7 @@ __all__ = [
     "RateLimitedError",
     "GatewayError",
     "RoutingError",
+    "InsufficientHistoryError",
 ]
 
 
@@ -64,6 +66,10 @@ class GovernanceError(TidyLLMError):
 
     #: machine-readable rule or reason, also written to the audit row
     rule: str = "governance"
+
+
+class InsufficientHistoryError(TidyLLMError):
+    """The mart holds too little call history to fit and evaluate a forecast."""
 
 
 class GatewayError(TidyLLMError):

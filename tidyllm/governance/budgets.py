@@ -76,7 +76,7 @@ class Refusal:
     def message(self) -> str:
         return (f"{self.scope} {self.name!r} has {usd(self.remaining_usd)} left of {usd(self.limit_usd)} "
                 f"this {self.period if self.period != 'total' else 'budget'} (spent {usd(self.spent_usd)}, "
-                f"reserved {usd(self.reserved_usd)}); this call needs up to {usd(self.needed_usd)}. "
+                f"reserved {usd(max(self.reserved_usd, 0.0))}); this call needs up to {usd(self.needed_usd)}. "
                 f"Raise it with `tidyllm budget set {self.scope} {self.name} <usd> --period {self.period}`")
 
 
