@@ -78,6 +78,9 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     mart = TidyMart(f"sqlite:///{out / 'tidyllm-demo.db'}")
     calls = mart.frame("llm_calls")
     assert calls["status"].isin(["success", "failure", "refused"]).all()  # nothing left pending
+    status = mart.frame("budget_windows").merge(mart.frame("budgets"), left_on="budget_id", right_on="id")
+    assert (status["spent_usd"] <= status["limit_usd"] + 1e-12).all()  # no department overspent its hard budget
+    assert (status["reserved_usd"].abs() < 1e-9).all()
     assert len(mart.frame("routing_decisions")) > 100
     assert set(mart.frame("executions")["module"]) == {"mvr_review", "close_commentary", "campaign_studio",
                                                        "research_assistant"}
