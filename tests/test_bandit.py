@@ -6,6 +6,7 @@ import json
 import pickle
 import subprocess
 import sys
+import threading
 from collections import Counter
 
 import numpy as np
@@ -87,6 +88,25 @@ def test_pickle_round_trip_keeps_learning():
     loaded = pickle.loads(pickle.dumps(bandit))
     assert loaded.predict_proba(CTX, ROUTES) == bandit.predict_proba(CTX, ROUTES)
     assert loaded.choose(CTX, ROUTES) == bandit.choose(CTX, ROUTES)
+
+
+def test_concurrent_decisions_and_updates_are_safe():
+    # the Router decides on the event loop while LiteLLM's callback threads report rewards
+    bandit = RouteBandit(random_state=0)
+    errors = []
+
+    def work(seed: int) -> None:
+        try:
+            learn_constant(bandit, {"chat-a": 0.7, "chat-b": 0.5}, 100, seed=seed)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and bandit.n_updates_ == 400
 
 
 # ---------------------------------------------------------------------------- decisions and propensities

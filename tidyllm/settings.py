@@ -79,7 +79,7 @@ class RoutingSettings:
     #: "bandit" (learned) or "cheapest" (cheapest healthy, authorised, affordable endpoint)
     strategy: str = "bandit"
     #: minimum probability mass spread over all candidates (exploration floor)
-    exploration_floor: float = 0.05
+    exploration_floor: float = 0.02
     #: per-update discount of past evidence (1.0 = never forget; 0.998 remembers about 500 rewards)
     discount: float = 0.998
     #: cap on the share of a department's traffic that may explore (0..1)

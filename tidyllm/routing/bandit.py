@@ -15,7 +15,9 @@ How it decides (see ``docs/routing.md`` for the reasoning and the references):
    (``n_eff`` = discounted number of observations). This is an explicit distribution, so the logged
    propensity is exact.
 4. **Floor.** The distribution is mixed with uniform: every candidate keeps ``≥ floor/K``.
-5. **Department cap.** If a department has used its share of exploring decisions, the distribution is
+5. **Change detection.** A two-sided CUSUM per route on ``reward − prediction`` notices an outage or a
+   recovery within a few rewards and re-learns that route from the observations since the change.
+6. **Department cap.** If a department has used its share of exploring decisions, the distribution is
    mixed towards the greedy route, never below the floor. The logged propensity is the probability under
    this final distribution, the one actually sampled from.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import base64
 import math
 import threading
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -111,24 +114,35 @@ class Choice:
 
 
 class _RouteTable:
-    """Discounted ridge statistics of every route, with eigenbases stacked for vectorised prediction.
+    """Discounted ridge statistics of every route, eigenbases stacked for vectorised prediction, and
+    a change detector per route.
 
-    For the route in slot ``k``: ``A = alpha·I + Σ λ^(t_ref−s) x_s x_sᵀ`` and ``b = Σ λ^(t_ref−s) x_s (r_s − prior)``
-    as of time ``t_ref[k]``. At a later time ``t`` the true statistics are ``A(t) = δA + (1−δ)·alpha·I`` and
-    ``b(t) = δb`` with ``δ = λ^(t−t_ref)``: with ``A = Q diag(s) Qᵀ``, both the prediction and ``xᵀA(t)⁻¹x``
-    cost O(nnz·d) without touching ``A``, so routes that were not chosen for a while still forget exactly.
+    For the route in slot ``k``: ``A = alpha·I + Σ λ^(t_A−s) x_s x_sᵀ`` and ``b = Σ λ^(t_A−s) x_s (r_s − prior)``
+    as of time ``t_A[k]``. At a later time ``t`` the true statistics are ``A(t) = δA + (1−δ)·alpha·I`` and
+    ``b(t) = δb`` with ``δ = λ^(t−t_A)``: with ``A = Q diag(s) Qᵀ`` (computed at ``t_eig[k]``), both the
+    prediction and ``xᵀA(t)⁻¹x`` cost O(nnz·d) without touching ``A``, so routes that were not chosen for a
+    while still forget exactly.
+
+    The change detector is a two-sided CUSUM (Page 1954) on the residuals ``r − prediction``: when the
+    route's rewards fall (an outage) or rise (a recovery) by more than ``slack`` for long enough that the
+    cumulative excess passes ``threshold``, the route's statistics are rebuilt from the observations since
+    the estimated change point only (the "restart" of CUSUM-UCB, Liu et al. 2018).
     """
 
-    def __init__(self, d: int, alpha: float) -> None:
+    def __init__(self, d: int, alpha: float, memory: int = 64) -> None:
         self.d, self.alpha = d, alpha
         self.slots: dict[str, int] = {}
         self.A: list[np.ndarray] = []
         self.b: list[np.ndarray] = []
-        self.n: list[float] = []  # discounted number of observations, as of t_ref
+        self.n: list[float] = []  # discounted number of observations, as of t_A
+        self.t_A: list[float] = []
+        self.cusum: list[list[float]] = []  # [g_down, g_up, since_down, since_up]
+        self.recent: list[deque[tuple[float, np.ndarray, np.ndarray, float, float]]] = []
+        self.memory = memory
         self.Q = np.empty((0, d, d))
         self.s = np.empty((0, d))
         self.c = np.empty((0, d))
-        self.t_ref = np.empty(0)
+        self.t_eig = np.empty(0)
 
     def slot(self, route: str, t: float) -> int:
         """The slot of ``route``, created empty (prior only) at time ``t`` if new."""
@@ -139,36 +153,70 @@ class _RouteTable:
         self.A.append(np.eye(self.d) * self.alpha)
         self.b.append(np.zeros(self.d))
         self.n.append(0.0)
-        if k == len(self.t_ref):  # grow the stacked arrays geometrically
+        self.t_A.append(t)
+        self.cusum.append([0.0, 0.0, t, t])
+        self.recent.append(deque(maxlen=self.memory))
+        if k == len(self.t_eig):  # grow the stacked arrays geometrically
             grow = max(4, k)
             self.Q = np.concatenate([self.Q, np.broadcast_to(np.eye(self.d), (grow, self.d, self.d))])
             self.s = np.concatenate([self.s, np.full((grow, self.d), self.alpha)])
             self.c = np.concatenate([self.c, np.zeros((grow, self.d))])
-            self.t_ref = np.concatenate([self.t_ref, np.zeros(grow)])
-        self.t_ref[k] = t
+            self.t_eig = np.concatenate([self.t_eig, np.zeros(grow)])
+        self.t_eig[k] = t
         return k
 
     def advance(self, k: int, t: float, discount: float) -> None:
         """Bring slot ``k``'s statistics forward to time ``t`` (no new data)."""
-        if t == self.t_ref[k]:
+        if t == self.t_A[k]:
             return
-        delta = discount ** (t - self.t_ref[k])
+        delta = discount ** (t - self.t_A[k])
         self.A[k] *= delta
         self.A[k].flat[:: self.d + 1] += (1.0 - delta) * self.alpha
         self.b[k] *= delta
         self.n[k] *= delta
-        self.t_ref[k] = t
+        self.t_A[k] = t
 
-    def add(self, k: int, idx: np.ndarray, val: np.ndarray, target: float, weight: float) -> None:
+    def add(self, k: int, t: float, idx: np.ndarray, val: np.ndarray, target: float, weight: float,
+            discount: float) -> None:
+        """Add one observation at time ``t`` (``target`` = reward − prior)."""
+        self.advance(k, t, discount)
         self.A[k][np.ix_(idx, idx)] += weight * np.outer(val, val)
         self.b[k][idx] += weight * target * val
         self.n[k] += weight
+        self.recent[k].append((t, idx, val, target, weight))
+
+    def detect(self, k: int, t: float, residual: float, slack: float, threshold: float) -> float | None:
+        """Feed one residual to slot ``k``'s CUSUM; on a detected change return its estimated start time."""
+        state = self.cusum[k]
+        state[0] = max(0.0, state[0] - residual - slack)
+        state[1] = max(0.0, state[1] + residual - slack)
+        for side in (0, 1):
+            if state[side] == 0.0:
+                state[side + 2] = t  # the change, if any, started after now
+        for side in (0, 1):
+            if state[side] > threshold:
+                since = state[side + 2]
+                self.cusum[k] = [0.0, 0.0, t, t]
+                return since
+        return None
+
+    def restart(self, k: int, since: float, discount: float) -> None:
+        """Rebuild slot ``k`` from its remembered observations made after ``since``."""
+        kept = [obs for obs in self.recent[k] if obs[0] > since]
+        self.A[k] = np.eye(self.d) * self.alpha
+        self.b[k] = np.zeros(self.d)
+        self.n[k] = 0.0
+        self.t_A[k] = kept[0][0] if kept else self.t_A[k]
+        self.recent[k].clear()
+        for t, idx, val, target, weight in kept:
+            self.add(k, t, idx, val, target, weight, discount)
 
     def refresh(self, k: int) -> None:
         """Recompute slot ``k``'s eigenbasis after updates (O(d³), once per route per ``partial_fit``)."""
         self.A[k] = (self.A[k] + self.A[k].T) * 0.5  # keep it exactly symmetric against rounding drift
         self.s[k], self.Q[k] = np.linalg.eigh(self.A[k])
         self.c[k] = self.Q[k].T @ self.b[k]
+        self.t_eig[k] = self.t_A[k]
 
     def predict(self, idx: np.ndarray, val: np.ndarray, routes: Sequence[str], t: float,
                 discount: float) -> tuple[np.ndarray, np.ndarray]:
@@ -179,12 +227,29 @@ class _RouteTable:
         known = slots >= 0
         if known.any():
             pos = slots[known]
-            delta = discount ** (t - self.t_ref[pos])
+            delta = discount ** (t - self.t_eig[pos])
             z = val @ self.Q[pos[:, None], idx[None, :], :]  # (k, d): x in each route's eigenbasis
             e = delta[:, None] * self.s[pos] + ((1.0 - delta) * self.alpha)[:, None]
             means[known] = delta * np.einsum("kd,kd->k", z, self.c[pos] / e)
             widths[known] = np.einsum("kd,kd->k", z * z, 1.0 / e)
         return means, widths
+
+
+_blas_controller: Any = None
+
+
+def _one_blas_thread() -> Any:
+    """Context manager limiting BLAS to one thread.
+
+    A 64×64 eigendecomposition takes ~0.5 ms on one thread but ~5-10 ms when OpenBLAS spreads it over
+    threads on a busy two-core machine; the decomposition is far too small to gain from threads.
+    """
+    global _blas_controller
+    if _blas_controller is None:
+        from threadpoolctl import ThreadpoolController  # a scikit-learn dependency
+
+        _blas_controller = ThreadpoolController()
+    return _blas_controller.limit(limits=1, user_api="blas")
 
 
 def _encode(array: np.ndarray) -> str:
@@ -221,6 +286,12 @@ class RouteBandit(BaseEstimator):
         Width of the hashed context feature space (per route).
     interactions:
         Pairs of context keys crossed into one feature each.
+    change_threshold:
+        CUSUM threshold, in reward units, of the per-route change detector: when a route's rewards
+        drop (an outage) or rise (a recovery) so that the cumulative excess over ``change_slack`` passes
+        it, the route is re-learnt from the observations since the change. ``None`` turns detection off.
+    change_slack:
+        Shifts smaller than this (in reward units) are ignored by the change detector.
     max_importance_weight:
         ``None`` (default): learn from every observed reward with weight 1. A number: weight each
         observation by ``min(1/propensity, max_importance_weight)``, for learning from logs of another policy.
@@ -229,9 +300,10 @@ class RouteBandit(BaseEstimator):
     """
 
     def __init__(self, *, discount: float = 0.998, alpha: float = 1.0, prior_reward: float = 0.5,
-                 optimism: float = 0.1, gamma_scale: float = 10.0, floor: float = 0.02,
+                 optimism: float = 0.1, gamma_scale: float = 50.0, floor: float = 0.02,
                  exploration_cap: float | None = None, department_caps: Mapping[str, float | None] | None = None,
                  n_features: int = 64, interactions: Sequence[Sequence[str]] = (("department", "use_case"),),
+                 change_threshold: float | None = 1.5, change_slack: float = 0.1,
                  max_importance_weight: float | None = None, random_state: Any = None) -> None:
         self.discount = discount
         self.alpha = alpha
@@ -243,6 +315,8 @@ class RouteBandit(BaseEstimator):
         self.department_caps = department_caps
         self.n_features = n_features
         self.interactions = interactions
+        self.change_threshold = change_threshold
+        self.change_slack = change_slack
         self.max_importance_weight = max_importance_weight
         self.random_state = random_state
 
@@ -264,6 +338,9 @@ class RouteBandit(BaseEstimator):
         number("optimism", 0.0, math.inf)
         number("gamma_scale", 0.0, math.inf)
         floor = number("floor", 0.0, 1.0)
+        number("change_slack", 0.0, 1.0)
+        if self.change_threshold is not None:
+            number("change_threshold", 0.0, math.inf, low_open=True)
         if self.max_importance_weight is not None:
             number("max_importance_weight", 1.0, math.inf)
         caps = {"exploration_cap": self.exploration_cap}
@@ -488,16 +565,25 @@ class RouteBandit(BaseEstimator):
             state = self._state()
             features = [state["featurizer"].transform_one(c) for c in contexts]  # validate all before changing
             lam, prior, table = float(self.discount), float(self.prior_reward), state["table"]
+            threshold, slack = self.change_threshold, float(self.change_slack)
             touched = set()
             for (idx, val), route, r, w in zip(features, routes, rewards_arr, weights):
                 state["clock"] += 1
                 now = float(state["clock"])
                 k = table.slot(route, now)
-                table.advance(k, now, lam)
-                table.add(k, idx, val, float(r) - prior, float(w))
+                target = float(r) - prior
+                if threshold is not None:
+                    # residual against the model as of this call's start (eigenbases refresh once per call)
+                    residual = target - float(table.predict(idx, val, [route], now, lam)[0][0])
+                table.add(k, now, idx, val, target, float(w), lam)
+                if threshold is not None:
+                    since = table.detect(k, now, residual, slack, float(threshold))
+                    if since is not None:
+                        table.restart(k, since, lam)
                 touched.add(k)
-            for k in sorted(touched):
-                table.refresh(k)
+            with _one_blas_thread():
+                for k in sorted(touched):
+                    table.refresh(k)
         return self
 
     # ------------------------------------------------------------------ persistence
@@ -516,8 +602,10 @@ class RouteBandit(BaseEstimator):
                 "interactions": [list(p) for p in _pairs(self.interactions)],
                 "alpha": float(self.alpha),
                 "clock": int(state["clock"]),
-                "routes": {route: {"A": _encode(table.A[k]), "b": _encode(table.b[k]),
-                                   "t_ref": float(table.t_ref[k]), "n": float(table.n[k])}
+                "routes": {route: {"A": _encode(table.A[k]), "b": _encode(table.b[k]), "t_ref": float(table.t_A[k]),
+                                   "n": float(table.n[k]), "cusum": [float(v) for v in table.cusum[k]],
+                                   "recent": [[t, idx.tolist(), val.tolist(), target, weight]
+                                              for t, idx, val, target, weight in table.recent[k]]}
                            for route, k in table.slots.items()},
                 "departments": {d: [float(a), float(b)] for d, (a, b) in state["departments"].items()},
                 "rng": _jsonable(state["rng"].bit_generator.state),
@@ -542,7 +630,11 @@ class RouteBandit(BaseEstimator):
                 k = table.slot(str(route), float(saved["t_ref"]))
                 table.A[k], table.b[k] = _decode(saved["A"], (d, d)), _decode(saved["b"], (d,))
                 table.n[k] = float(saved["n"])
-                table.refresh(k)
+                table.cusum[k] = [float(v) for v in saved["cusum"]]
+                table.recent[k].extend((float(t), np.asarray(i, dtype=np.intp), np.asarray(v, dtype=np.float64),
+                                        float(target), float(weight)) for t, i, v, target, weight in saved["recent"])
+                with _one_blas_thread():
+                    table.refresh(k)
             departments = {str(k): [float(v[0]), float(v[1])] for k, v in state["departments"].items()}
             clock = int(state["clock"])
             rng = np.random.default_rng()

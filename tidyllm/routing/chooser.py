@@ -74,7 +74,9 @@ class BanditChooser:
         rs = platform.settings.routing
         bandit = RouteBandit(discount=rs.discount, floor=rs.exploration_floor,
                              exploration_cap=max(rs.max_exploration_share, rs.exploration_floor),
-                             department_caps=dict(rs.exploration_share_by_department) or None,
+                             # a cap below the exploration floor cannot hold: the floor wins
+                             department_caps={d: (max(c, rs.exploration_floor) if c is not None else None)
+                                              for d, c in rs.exploration_share_by_department.items()} or None,
                              random_state=rs.random_state)
         groups = platform.gateway.config.groups() if platform.gateway.config is not None else {}
         chooser = cls(platform.mart, bandit, rs, {g: [r.name for r in routes] for g, routes in groups.items()})

@@ -139,7 +139,9 @@ class Stream:
     _department: list[Department] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        rng = np.random.default_rng(self.seed)
+        # Salted so a stream never shares its random numbers with a policy seeded with the same int:
+        # a bandit with random_state=s would otherwise draw the very uniforms that picked the contexts.
+        rng = np.random.default_rng([self.seed, 0x5EED])
         env, n, k = self.env, self.n, len(self.env.routes)
         shares = np.array([d.share for d in env.departments])
         dept_idx = rng.choice(len(env.departments), size=n, p=shares / shares.sum())

@@ -224,7 +224,7 @@ def evaluate(policy: Policy, decisions: Any, *, reward_model: RouteBandit | None
         rows whose reward is missing are skipped and counted).
     reward_model:
         Template of the reward model for DR and DM, cloned and cross-fitted over ``n_folds`` folds;
-        default: a per-route ridge model, ``RouteBandit(discount=1.0)``.
+        default: a per-route ridge model, ``RouteBandit(discount=1.0, change_threshold=None)``.
     n_bootstrap, confidence:
         Bootstrap resamples and the level of the percentile intervals.
     max_weight:
@@ -240,7 +240,9 @@ def evaluate(policy: Policy, decisions: Any, *, reward_model: RouteBandit | None
     contexts, candidates, routes, props, rewards, skipped = _parse(decisions)
     rng = np.random.default_rng(random_state)
     target = _policy_matrix(fn, contexts, candidates)
-    template = reward_model if reward_model is not None else RouteBandit(discount=1.0, optimism=0.0)
+    # logs are evaluated as one sample: no forgetting, no change detection in the reward model
+    template = reward_model if reward_model is not None else RouteBandit(discount=1.0, optimism=0.0,
+                                                                         change_threshold=None)
     q_hat = _reward_model_predictions(template, contexts, candidates, routes, rewards, n_folds, rng)
 
     chosen = [cands.index(route) for cands, route in zip(candidates, routes)]

@@ -110,7 +110,7 @@ class ContextFeaturizer:
                 continue
             if not isinstance(key, str):
                 raise RoutingError(f"context keys must be strings, got {key!r}")
-            if isinstance(value, str) or isinstance(value, bool):
+            if isinstance(value, str | bool):
                 named[f"{key}={value}"] = 1.0
             elif isinstance(value, Real):
                 number = float(value)

@@ -82,8 +82,18 @@ def route_of(deployment: Mapping[str, Any]) -> str:
 
 def build_strategy(router: Any, governor: "Governor", health: "RouteHealth", chooser: Chooser,
                    gateway_routes: set[str] | None = None) -> Any:
-    """The strategy object to register with ``router.register_plugin``."""
+    """The strategy object to register with ``router.register_plugin``.
+
+    ``gateway_routes`` names the routes that are MLflow gateway endpoints; ``None`` decides per
+    deployment from its ``model`` and ``api_base``. Building it also makes the router's
+    ``completion`` / ``acompletion`` return governed streams for ``stream=True``
+    (:func:`tidyllm.governance.streams.guard_router_streams`): LiteLLM reports nothing when a
+    caller abandons a stream, so the stream object itself must settle it."""
     from litellm.router import CustomRoutingStrategyBase
+
+    from tidyllm.governance.streams import guard_router_streams
+
+    guard_router_streams(router, governor)
 
     class GovernedRoutingStrategy(CustomRoutingStrategyBase):
         """tidyllm's governed, health-aware routing (see :mod:`tidyllm.routing.strategy`)."""
@@ -134,16 +144,18 @@ def build_strategy(router: Any, governor: "Governor", health: "RouteHealth", cho
             by_route = {route_of(d): d for d in healthy}
             open_ = [r for r in by_route if not self.health.allow(r)]
             candidates = [r for r in by_route if r not in open_]
-            # a retry avoids the routes that already failed for this request, when it has a choice
-            fresh = [r for r in candidates if r not in tried]
-            candidates = fresh or candidates
             if not candidates:
                 self._no_route(ctx, model, call_type, messages, input, open_ or list(by_route))
+            # a caller may name the call (metadata["tidyllm_call_id"]) to find its rows; retries get suffixes
+            wanted = md.get(CALL_ID_KEY)
+            call_id = (str(wanted) if not tried else f"{wanted}#{len(tried)}") if wanted else None
             refusals = {r: gov.check_authorized(ctx, r) for r in candidates}
             allowed = [r for r in candidates if refusals[r] is None]
             if not allowed:
                 gov.admit(ctx=ctx, route=candidates[0], requested_model=model, call_type=call_type,
-                          messages=messages, text=input)  # raises RouteNotAuthorizedError, audited
+                          messages=messages, text=input, call_id=call_id)  # raises RouteNotAuthorizedError, audited
+            # a retry avoids the authorised routes that already failed for this request, when it has a choice
+            allowed = [r for r in allowed if r not in tried] or allowed
             from tidyllm.governance.engine import estimate_prompt_tokens
 
             tools = request_kwargs.get("tools")
@@ -156,25 +168,37 @@ def build_strategy(router: Any, governor: "Governor", health: "RouteHealth", cho
             if decision.route not in pool:
                 raise RoutingError(f"the {self.chooser.name} chooser picked {decision.route!r}, not a candidate")
             stream = bool(request_kwargs.get("stream"))
-            # a caller may name the call (metadata["tidyllm_call_id"]) to find its rows; retries get suffixes
-            wanted = md.get(CALL_ID_KEY)
-            call_id = (str(wanted) if not tried else f"{wanted}#{len(tried)}") if wanted else None
+            deployment = by_route[decision.route]
+            params = deployment.get("litellm_params") or {}
+            gateway = self._is_gateway(decision.route, params)
+            traced = gateway and gov.trace_lookup is not None
             admission = gov.admit(
                 ctx=ctx, route=decision.route, requested_model=model, call_type=call_type, messages=messages,
                 text=input, tools=tools, max_tokens=request_kwargs.get("max_tokens"), prompt_tokens=prompt_tokens,
                 stream=stream, call_id=call_id,
-                mock=bool(by_route[decision.route].get("litellm_params", {}).get("mock_response")
-                          or request_kwargs.get("mock_response")),
-                gateway=self.gateway_routes is None or decision.route in self.gateway_routes,
+                mock=bool(params.get("mock_response") or request_kwargs.get("mock_response")), gateway=gateway,
                 extra={"decision": {"policy": decision.policy, "propensity": decision.propensity,
                                     "explored": decision.explored, "model_version": decision.model_version,
                                     "candidates": list(pool), "group": model,
-                                    "features": ctx.as_dict() | {"model_group": model}}})
+                                    "features": ctx.as_dict() | {"model_group": model}},
+                       **({"traced": True} if traced else {})})
             md[STAMP_KEY] = admission.stamp()
             if not is_embedding:
                 request_kwargs["max_tokens"] = admission.max_tokens
+            if traced or request_kwargs.get("extra_headers"):
+                # per-call extra_headers replace the deployment's in LiteLLM 1.110 (measured): keep the
+                # deployment's (the gateway credential) and add the trace tag (tidyllm.gateway.traces)
+                request_kwargs["extra_headers"] = {
+                    **(request_kwargs.get("extra_headers") or {}), **(params.get("extra_headers") or {}),
+                    **(gov.trace_lookup.headers(admission.call_id) if traced and gov.trace_lookup else {})}
             self.health.picked(decision.route)
-            return by_route[decision.route]
+            return deployment
+
+        def _is_gateway(self, route: str, params: Mapping[str, Any]) -> bool:
+            """Whether the deployment is a configured MLflow gateway endpoint (``governance.gateway_only``)."""
+            if self.gateway_routes is not None:
+                return route in self.gateway_routes
+            return self.governor.is_gateway_endpoint(str(params.get("model") or ""), params.get("api_base"))
 
         def _affordable(self, ctx: "CallContext", model: str, allowed: list[str], prices: Mapping[str, Any],
                         prompt_tokens: int, is_embedding: bool) -> list[str]:
