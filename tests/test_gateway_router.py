@@ -1,9 +1,11 @@
 """The governed Router over real MLflow gateways in front of the provider simulator.
 
-One legacy gateway stack (simulator + ``mlflow gateway start`` + installed platform) is shared by
-the module; the tracking-server flavour gets a single call in the first test, which starts and
-stops its own stack so that the module's installed platform is the legacy one afterwards (only one
-platform is installed per process). Keep that test first.
+The module starts one provider simulator and, in parallel, one legacy gateway (``mlflow gateway
+start``) and one tracking server (``mlflow server``) over the bundled seed-format routes file;
+the tracking server also answers one warm-up request meanwhile (its first request takes
+seconds). Only one platform can be installed per process: the tracking-server test installs and
+uninstalls its own first, then one legacy platform serves the rest of the module. Keep that
+test first.
 
 The simulator's models run with no random errors, 429 bursts or scheduled outages, so every
 failure here is one the test caused. Circuit breakers run on a manual clock: a cool-down passes
@@ -14,18 +16,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import httpx
 import pytest
 import yaml
 
 import tidyllm
 from tidyllm.gateway.health import RouteHealth
-from tidyllm.gateway.simulator import ModelProfile, load_profiles
+from tidyllm.gateway.processes import GatewayProcess, start_gateway
+from tidyllm.gateway.simulator import ModelProfile, Simulator, load_profiles
 from tidyllm.platform import current
-from tidyllm.stack import LocalStack, bundled_gateway_config
+from tidyllm.stack import bundled_gateway_config
 
 # LiteLLM 1.110 builds a pydantic schema with ReadOnly TypedDict items on first use; pydantic warns.
 pytestmark = pytest.mark.filterwarnings("ignore:.*using the `ReadOnly` qualifier:UserWarning")
@@ -76,18 +81,25 @@ class ManualClock:
 
 
 @dataclass
+class Gateways:
+    sim: Simulator
+    legacy: GatewayProcess
+    server: GatewayProcess
+
+
+@dataclass
 class Legacy:
-    stack: LocalStack
+    platform: Any
     router: Any
     clock: ManualClock
+    sim: Simulator
+    gateway: GatewayProcess
 
-    @property
-    def platform(self) -> Any:
-        return self.stack.platform
 
-    @property
-    def sim(self) -> Any:
-        return self.stack.simulator
+def install(gateway: GatewayProcess, database: Path) -> Any:
+    """The governed platform over ``gateway`` (what ``tidyllm.stack.LocalStack`` installs)."""
+    return tidyllm.install(SETTINGS, database_url=f"sqlite:///{database}", gateway_uri=gateway.uri,
+                           gateway_mode=gateway.mode, gateway_config=str(bundled_gateway_config()))
 
 
 def wait_settled(platform: Any, timeout: float = 15.0) -> Any:
@@ -110,20 +122,55 @@ def chat(router: Any, model: str = "chat", **kwargs: Any) -> Any:
     return router.completion(model=model, messages=MSG, max_tokens=64, metadata=dict(META), **kwargs)
 
 
+@pytest.fixture(scope="module")
+def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateways]:
+    data = tmp_path_factory.mktemp("gateways")
+    with Simulator(steady_profiles(), seed=0, latency_scale=0) as sim:
+        env = {"TIDYLLM_SIMULATOR_URL": sim.url}
+
+        def server() -> GatewayProcess:
+            gw = start_gateway(str(bundled_gateway_config()), mode="server", env=env, data_dir=data / "mlflow",
+                               timeout=180)
+            try:
+                # plain HTTP, not LiteLLM: nothing governed or recorded
+                reply = httpx.post(f"{gw.api_base}/chat/completions", timeout=120,
+                                   json={"model": CHEAPEST, "messages": MSG, "max_tokens": 8})
+                assert reply.status_code == 200, reply.text
+            except BaseException:
+                gw.stop()
+                raise
+            return gw
+
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(start_gateway, str(bundled_gateway_config()), mode="legacy", env=env),
+                       pool.submit(server)]
+            started = []
+            try:
+                for f in futures:
+                    started.append(f.result())
+            except BaseException:
+                for f in futures:
+                    if f.exception() is None:
+                        f.result().stop()
+                raise
+        with started[0] as legacy, started[1] as server_gw:
+            yield Gateways(sim, legacy, server_gw)
+
+
 # --- the tracking-server flavour (first: it installs and uninstalls its own platform) ---------------
 
 
-def test_governed_router_call_through_the_tracking_server_gateway(tmp_path: Path) -> None:
-    with LocalStack(mode="server", latency_scale=0, profiles=steady_profiles(), settings=SETTINGS,
-                    database_url=f"sqlite:///{tmp_path / 'mart.db'}", data_dir=tmp_path / "mlflow") as stack:
-        platform = stack.platform
+def test_governed_router_call_through_the_tracking_server_gateway(gateways: Gateways, tmp_path: Path) -> None:
+    sim, gw = gateways.sim, gateways.server
+    platform = install(gw, tmp_path / "mart.db")
+    try:
         assert platform.gateway.mode == "server"
-        assert platform.gateway.api_base == f"{stack.gateway.uri}/gateway/mlflow/v1"
+        assert platform.gateway.api_base == f"{gw.uri}/gateway/mlflow/v1"
         assert {r["name"] for r in platform.gateway.endpoints().to_dict("records")} == set(gateway_routes())
-        hits = stack.simulator.hits("sim-onprem-llama")
+        hits = sim.hits("sim-onprem-llama")
         resp = chat(platform.router())
         assert resp.model == "sim-onprem-llama"
-        assert stack.simulator.hits("sim-onprem-llama") == hits + 1
+        assert sim.hits("sim-onprem-llama") == hits + 1
         calls = wait_settled(platform)
         assert len(calls) == 1
         row = calls.iloc[0]
@@ -133,35 +180,37 @@ def test_governed_router_call_through_the_tracking_server_gateway(tmp_path: Path
         audit = platform.audit.frame()
         assert audit["call_id"].tolist() == [row["id"]]
         assert audit.iloc[0]["status"] == "success" and platform.audit.verify().ok
+    finally:
+        tidyllm.uninstall()
     assert current() is None
 
 
-# --- the legacy flavour, one stack for the rest of the module --------------------------------------
+# --- the legacy flavour, one platform for the rest of the module -----------------------------------
 
 
 @pytest.fixture(scope="module")
-def legacy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Legacy]:
-    data = tmp_path_factory.mktemp("gateway-router")
-    clock = ManualClock()
-    # settings= a mapping: no tidyllm.yaml is searched for in the working directory
-    with LocalStack(latency_scale=0, profiles=steady_profiles(), settings=SETTINGS,
-                    database_url=f"sqlite:///{data / 'mart.db'}") as stack:
+def legacy(gateways: Gateways, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Legacy]:
+    platform = install(gateways.legacy, tmp_path_factory.mktemp("legacy") / "mart.db")
+    try:
         # a breaker on the manual clock, in place before the Router (and its strategy) is built
-        stack.platform.routes = RouteHealth(failure_threshold=3, cooldown_s=30.0, clock=clock)
+        clock = ManualClock()
+        platform.routes = RouteHealth(failure_threshold=3, cooldown_s=30.0, clock=clock)
         # built and used once here: the prices the Router registers with LiteLLM and the callback
         # lists LiteLLM fills on a first call then belong to the state conftest saves and restores
         # around each test (restoring an earlier state would unregister the platform's callbacks)
-        router = stack.platform.router()
+        router = platform.router()
         chat(router)
-        wait_settled(stack.platform)
-        yield Legacy(stack, router, clock)
+        wait_settled(platform)
+        yield Legacy(platform, router, clock, gateways.sim, gateways.legacy)
+    finally:
+        tidyllm.uninstall()
 
 
 def test_seed_format_config_starts_the_legacy_gateway(legacy: Legacy) -> None:
     text = bundled_gateway_config().read_text()
     assert "\nroutes:\n" in text and "route_type: llm/v1/chat" in text  # the seed's format, not MLflow 3's
     gw = legacy.platform.gateway
-    assert gw.mode == "legacy" and gw.uri == legacy.stack.gateway.uri
+    assert gw.mode == "legacy" and gw.uri == legacy.gateway.uri
     assert gw.api_base == f"{gw.uri}/v1" and gw.uri.startswith("http://127.0.0.1:")
     endpoints = gw.endpoints()
     routes = gateway_routes()

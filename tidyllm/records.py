@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from tidyllm.governance.context import STAMP_KEY
 
-__all__ = ["CallRecord", "from_callback", "metadata_of"]
+__all__ = ["CallRecord", "ChunkFacts", "chunk_facts", "from_callback", "metadata_of", "stream_stamp", "tool_calls_of"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,26 @@ class CallRecord:
     #: quality in [0, 1] the provider reported with the answer (the provider simulator does; real providers don't)
     reported_quality: float | None = None
     headers: Mapping[str, Any] = field(default_factory=dict)
+    #: the tool calls the answer made, as ``(name, arguments JSON)`` pairs (arguments are audited only
+    #: under ``audit.capture: full``)
+    tool_calls: tuple[tuple[str, str], ...] = ()
+    #: the tokens are what a stream delivered before it broke (LiteLLM's recovered partial usage)
+    partial: bool = False
+
+
+@dataclass(frozen=True)
+class ChunkFacts:
+    """What one streamed chunk carried, as far as cost and audit are concerned."""
+
+    #: answer text in the chunk's delta (all choices)
+    text: str = ""
+    #: names of tool calls the chunk started
+    tool_names: tuple[str, ...] = ()
+    #: tool-call argument text the chunk carried (counted as output tokens, never audited)
+    tool_text: str = ""
+    finish_reason: str | None = None
+    #: ``(prompt_tokens, completion_tokens)`` when the chunk carried the provider's usage
+    usage: tuple[int, int] | None = None
 
 
 def metadata_of(kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -77,6 +97,58 @@ def _usage(response_obj: Any) -> Mapping[str, Any]:
     return dict(usage) if isinstance(usage, Mapping) else {}
 
 
+def _get(obj: Any, key: str) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
+def tool_calls_of(response_obj: Any) -> tuple[tuple[str, str], ...]:
+    """The tool calls of a (non-streamed or assembled) chat response: ``(name, arguments)`` pairs."""
+    out = []
+    for choice in _get(response_obj, "choices") or ():
+        message = _get(choice, "message")
+        for call in _get(message, "tool_calls") or ():
+            fn = _get(call, "function")
+            name = _get(fn, "name")
+            if isinstance(name, str) and name:
+                args = _get(fn, "arguments")
+                out.append((name, args if isinstance(args, str) else ""))
+    return tuple(out)
+
+
+def chunk_facts(chunk: Any) -> ChunkFacts:
+    """Read one chunk of a LiteLLM stream (``ModelResponseStream``) into :class:`ChunkFacts`."""
+    text, tool_text, names, finish = [], [], [], None
+    for choice in _get(chunk, "choices") or ():
+        delta = _get(choice, "delta")
+        content = _get(delta, "content")
+        if isinstance(content, str):
+            text.append(content)
+        for call in _get(delta, "tool_calls") or ():
+            fn = _get(call, "function")
+            name, args = _get(fn, "name"), _get(fn, "arguments")
+            if isinstance(name, str) and name:
+                names.append(name)
+                tool_text.append(name)
+            if isinstance(args, str):
+                tool_text.append(args)
+        finish = _get(choice, "finish_reason") or finish
+    usage = _get(chunk, "usage")
+    prompt, completion = _get(usage, "prompt_tokens"), _get(usage, "completion_tokens")
+    counted = (int(prompt), int(completion)) if isinstance(prompt, int) and isinstance(completion, int) else None
+    return ChunkFacts("".join(text), tuple(names), "".join(tool_text), finish, counted)
+
+
+def stream_stamp(stream: Any) -> Mapping[str, Any] | None:
+    """tidyllm's stamp on the call a LiteLLM stream object (``CustomStreamWrapper``) belongs to."""
+    logging_obj = getattr(stream, "logging_obj", None)
+    params = getattr(logging_obj, "litellm_params", None)
+    md = params.get("metadata") if isinstance(params, Mapping) else None
+    stamp = md.get(STAMP_KEY) if isinstance(md, Mapping) else None
+    return stamp if isinstance(stamp, Mapping) else None
+
+
 def _quality(usage: Mapping[str, Any]) -> float | None:
     value = usage.get("tidyllm_sim_quality")
     return float(value) if isinstance(value, (int, float)) and 0.0 <= value <= 1.0 else None
@@ -88,6 +160,11 @@ def from_callback(kwargs: Mapping[str, Any], response_obj: Any, start_time: Any,
     slo = kwargs.get("standard_logging_object") or {}
     md = metadata_of(kwargs)
     usage = _usage(response_obj) if ok else {}
+    # a stream that broke midway: LiteLLM recovers the usage of the chunks already delivered
+    recovered = kwargs.get("combined_usage_object") if not ok else None
+    partial = recovered is not None and bool(_usage({"usage": recovered}).get("completion_tokens"))
+    if partial:
+        usage = _usage({"usage": recovered})
     prompt = usage.get("prompt_tokens", slo.get("prompt_tokens"))
     completion = usage.get("completion_tokens", slo.get("completion_tokens"))
     details_in = usage.get("prompt_tokens_details") or {}
@@ -131,4 +208,6 @@ def from_callback(kwargs: Mapping[str, Any], response_obj: Any, start_time: Any,
         mock=bool(litellm_params.get("mock_response") or kwargs.get("mock_response")),
         reported_quality=_quality(usage),
         headers=headers,
+        tool_calls=tool_calls_of(response_obj) if ok else (),
+        partial=partial,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -57,5 +58,11 @@ def show(call_id: str, config: str | None, database_url: str | None) -> None:
         raise click.ClickException(f"no audit row for call {call_id!r}")
     for key, value in row.items():
         click.echo(f"{key:>18}: {value}")
-    if row.get("trace_id") and p.gateway.uri and p.gateway.mode == "server":
-        click.echo(f"{'trace':>18}: {p.gateway.uri}/#/traces/{row['trace_id']}")
+    extra = row.get("extra") or {}
+    if isinstance(extra, str):  # some drivers hand JSON columns back as text
+        extra = json.loads(extra)
+    experiment = extra.get("trace_experiment_id")
+    if row.get("trace_id") and experiment and p.gateway.uri and p.gateway.mode == "server":
+        from tidyllm.gateway.traces import trace_url
+
+        click.echo(f"{'trace':>18}: {trace_url(p.gateway.uri, experiment, row['trace_id'])}")

@@ -38,6 +38,9 @@ def model_list(platform: "Platform") -> list[dict[str, Any]]:
             # LiteLLM would otherwise cost an MLflow endpoint name at $0 silently
             params["input_cost_per_token"] = price.input_per_1m / 1e6
             params["output_cost_per_token"] = price.output_per_1m / 1e6
+            # explicit (zero) cache prices stop LiteLLM warning once per endpoint that it has none
+            params["cache_creation_input_token_cost"] = 0.0
+            params["cache_read_input_token_cost"] = 0.0
         if headers:
             params["extra_headers"] = dict(headers)
         info = {"tidyllm_route": route.name, "mode": "embedding" if embedding else "chat"}
@@ -50,11 +53,35 @@ def model_list(platform: "Platform") -> list[dict[str, Any]]:
     return deployments
 
 
+def _connect_server(platform: "Platform") -> None:
+    """Check the tracking server's credential once, and link calls to the traces it records.
+
+    A missing or wrong credential would otherwise surface on the first call as LiteLLM's
+    ``AuthenticationError`` from deep inside the Router; here it is a :class:`~tidyllm.GatewayError`
+    naming ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``. The password is only
+    passed to the HTTP client, never logged."""
+    from tidyllm.gateway.client import list_endpoints, resolve_auth
+    from tidyllm.gateway.traces import TraceLookup
+
+    # settings already fall back to MLFLOW_TRACKING_USERNAME / _PASSWORD; half a credential is an error
+    auth = resolve_auth(platform.settings.mlflow_username, platform.settings.mlflow_password, environ={})
+    uri = str(platform.gateway.uri)  # model_list() already refused a platform without one
+    list_endpoints(uri, mode="server", auth=auth)
+    if platform.governor.trace_lookup is None:
+        platform.governor.trace_lookup = TraceLookup(uri, auth)
+
+
 def build_router(platform: "Platform", **router_kwargs: Any) -> Any:
-    """A ``litellm.Router`` over the gateway endpoints with tidyllm's governed strategy registered."""
+    """A ``litellm.Router`` over the gateway endpoints with tidyllm's governed strategy registered.
+
+    For a tracking-server gateway it first checks the MLflow credential (a clear
+    :class:`~tidyllm.GatewayError` when it is missing or wrong) and turns on trace links."""
     litellm = import_litellm()
     options: dict[str, Any] = {"num_retries": 2, "allowed_fails": 3, "cooldown_time": 5, "timeout": 60}
     options.update(router_kwargs)
-    router = litellm.Router(model_list=model_list(platform), **options)
+    deployments = model_list(platform)
+    if platform.gateway.mode == "server":
+        _connect_server(platform)
+    router = litellm.Router(model_list=deployments, **options)
     names = {r.name for r in platform.gateway.config.routes} if platform.gateway.config else set()
     return platform.govern(router, gateway_routes=names)

@@ -10,6 +10,7 @@ row of the refusal (callbacks ignore governance refusals), so every attempt has 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import math
 import threading
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from tidyllm.errors import GovernanceError, MetadataError, UnpricedModelError
-from tidyllm.governance.context import STAMP_KEY, CallContext
+from tidyllm.governance.context import CallContext
 from tidyllm.governance.policy import RouteFacts
 from tidyllm.mart.schema import llm_calls
 from tidyllm.mart.store import utcnow
@@ -26,15 +27,17 @@ from tidyllm.redact import redact
 
 if TYPE_CHECKING:
     from tidyllm.governance.audit import AuditTrail
+    from tidyllm.gateway.traces import TraceLookup, TraceRef
     from tidyllm.governance.budgets import BudgetLedger
     from tidyllm.governance.policy import AuthorizationPolicy
+    from tidyllm.governance.streams import StreamTally
     from tidyllm.governance.ratelimit import RateLimiter
     from tidyllm.mart import TidyMart
     from tidyllm.pricing import Price, PriceBook
     from tidyllm.records import CallRecord
     from tidyllm.settings import GovernanceSettings
 
-__all__ = ["Governor", "Admission", "estimate_prompt_tokens"]
+__all__ = ["Governor", "Admission", "count_tokens", "estimate_prompt_tokens"]
 
 log = logging.getLogger("tidyllm.governance")
 
@@ -66,25 +69,33 @@ class Admission:
         return asdict(self)
 
 
-def estimate_prompt_tokens(model: str, messages: Any = None, text: Any = None, tools: Any = None) -> int:
-    """An upper estimate of the input tokens a provider will count for a request.
-
-    LiteLLM's tokenizer count plus a 10 % + 16-token margin: providers add per-message framing and
-    their tokenizers differ slightly, and the reservation must be a true worst case."""
+def count_tokens(model: str, messages: Any = None, text: Any = None, tools: Any = None) -> int:
+    """LiteLLM's token count of a request's messages (and tools), or of a text or list of texts."""
     from tidyllm._litellm import import_litellm
 
     litellm = import_litellm()
     try:
         if messages is not None:
-            n = litellm.token_counter(model=model, messages=messages, tools=tools) if tools else \
+            return litellm.token_counter(model=model, messages=messages, tools=tools) if tools else \
                 litellm.token_counter(model=model, messages=messages)
-        else:
-            items = text if isinstance(text, list) else [text or ""]
-            n = sum(litellm.token_counter(model=model, text=str(t)) for t in items)
+        items = text if isinstance(text, list) else [text or ""]
+        return sum(litellm.token_counter(model=model, text=str(t)) for t in items if t != "")
     except Exception:  # noqa: BLE001 - an unknown tokenizer must not block; fall back to characters
         blob = str(messages if messages is not None else text)
-        n = len(blob) // 3 + 1
-    return int(math.ceil(n * 1.10)) + 16
+        return len(blob) // 3 + 1
+
+
+def estimate_prompt_tokens(model: str, messages: Any = None, text: Any = None, tools: Any = None) -> int:
+    """An upper estimate of the input tokens a provider will count for a request.
+
+    tidyllm cannot know every provider's tokenizer, and the reservation must be a true worst case:
+    it takes the larger of LiteLLM's tokenizer count and one token per two characters (tokenizers
+    split long words, numbers and punctuation finely), adds 15 % and 16 tokens of framing. Reserving
+    more than is spent only holds headroom until the call settles; reserving less could overspend."""
+    blob = json.dumps(messages if messages is not None else text, default=str) + (
+        json.dumps(tools, default=str) if tools else "")
+    n = count_tokens(model, messages=messages, text=text, tools=tools)
+    return int(math.ceil(max(n, len(blob) / 2.0) * 1.15)) + 16
 
 
 class Governor:
@@ -106,6 +117,10 @@ class Governor:
         self.gateway_api_bases = tuple(b.rstrip("/") for b in gateway_api_bases)
         self._listeners: list[Callable[["CallRecord", Admission | None], None]] = []
         self._lock = threading.Lock()
+        #: open governed streams of this process, by call id (see tidyllm.governance.streams)
+        self._streams: dict[str, "StreamTally"] = {}
+        #: finds the MLflow trace of a call on a tracking-server gateway (set with the server's Router)
+        self.trace_lookup: "TraceLookup | None" = None
 
     # --- context ------------------------------------------------------------------------------
 
@@ -118,6 +133,12 @@ class Governor:
     def route_facts(self, route: str) -> RouteFacts:
         """Tags and sensitivity classes of a configured route (bare facts for anything else)."""
         return self.routes.get(route) or RouteFacts(route)
+
+    def is_gateway_endpoint(self, model: str, api_base: str | None) -> bool:
+        """Whether a LiteLLM deployment (``model``, ``api_base``) is a configured MLflow gateway endpoint."""
+        if not model.startswith("openai/") or not api_base:
+            return False
+        return api_base.rstrip("/") in self.gateway_api_bases and model.split("/", 1)[1] in self.routes
 
     def add_listener(self, fn: Callable[["CallRecord", Admission | None], None]) -> None:
         """Call ``fn(record, admission)`` after each governed call is finished and recorded."""
@@ -262,7 +283,7 @@ class Governor:
             "audit_reason": ctx.audit_reason, "use_case": ctx.use_case,
             "data_sensitivity": ctx.data_sensitivity, "requested_model": requested_model, "route": route,
             "decision": "refused", "rule": getattr(error, "rule", "governance"), "status": "refused",
-            "error": f"{type(error).__name__}: {error}", **self.audit.content_fields(messages, tools)})
+            "error": f"{type(error).__name__}: {error}", **self.content_fields(messages, tools)})
         if budget_id is not None:
             from tidyllm.mart.schema import budget_events
 
@@ -283,16 +304,78 @@ class Governor:
     # --- settlement ---------------------------------------------------------------------------
 
     def cost_of(self, admission: Admission | None, record: "CallRecord") -> float | None:
-        """Exact cost at the admitted price version; LiteLLM's figure when tidyllm had no price."""
-        if admission is not None and admission.input_per_1m is not None and record.ok:
+        """Exact cost at the admitted price version; LiteLLM's figure when tidyllm had no price.
+
+        A failed call costs nothing, except a stream that broke midway: what it delivered is charged."""
+        if not record.ok and not record.partial:
+            return 0.0
+        if admission is not None and admission.input_per_1m is not None:
             return ((record.prompt_tokens or 0) * admission.input_per_1m
                     + (record.completion_tokens or 0) * (admission.output_per_1m or 0.0)) / 1e6
         if not record.ok:
             return 0.0
         return record.litellm_cost if record.litellm_cost else None
 
+    def content_fields(self, messages: Any, tools: Any,
+                       tool_calls: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
+        """Audit content columns: the capture policy's content, and tool names offered and called.
+
+        Tool-call arguments are kept (in ``extra``) only under ``audit.capture: full``."""
+        fields = self.audit.content_fields(messages, tools)
+        offered = list(fields.get("tools") or [])
+        called = [name for name, _ in tool_calls]
+        fields["tools"] = {"offered": offered, "called": called} if offered or called else None
+        return fields
+
+    def track_stream(self, tally: "StreamTally") -> None:
+        """Remember an open governed stream until it is settled."""
+        with self._lock:
+            self._streams[tally.call_id] = tally
+
+    def settle_stream(self, tally: "StreamTally", outcome: str, error: BaseException | None = None) -> None:
+        """Settle a governed stream for what it delivered: ``outcome`` is "abandoned", "failed", or
+        "completed" (a completed stream whose LiteLLM success event never came).
+
+        Tokens come from the usage chunk when the caller received it, else they are counted from
+        the delivered text (and the request, for the prompt). A caller that stopped after the
+        final chunk (finish reason seen) got the whole answer: that is "completed"."""
+        from tidyllm.records import CallRecord
+
+        route = str(tally.stamp.get("route") or "")
+        if tally.usage is not None:
+            prompt, completion = tally.usage
+        else:
+            prompt = count_tokens(route, messages=tally.messages, tools=tally.tools) if tally.messages else 0
+            produced = "".join(tally.text) + "".join(tally.tool_text)
+            completion = count_tokens(route, text=produced) if produced else 0
+        if outcome == "abandoned" and tally.finish_reason:
+            outcome = "completed"
+        failed = outcome == "failed"
+        started = dt.datetime.fromisoformat(str(tally.stamp.get("started_at"))) if tally.stamp.get("started_at") \
+            else utcnow()
+        ended = utcnow()
+        record = CallRecord(
+            ok=not failed, litellm_call_id=None, call_type=str(tally.stamp.get("call_type") or "completion"),
+            stamp=tally.stamp, metadata={}, model=route, model_id=None, model_group=None, provider=None,
+            api_base=None, provider_model=None, stream=True, prompt_tokens=prompt, completion_tokens=completion,
+            cached_tokens=None, reasoning_tokens=None, litellm_cost=None,
+            latency_ms=(ended - started).total_seconds() * 1000.0, started_at=started, ended_at=ended,
+            error_type=type(error).__name__ if failed and error is not None else None,
+            error_message=str(error) if failed and error is not None else None,
+            exception=error if failed else None, messages=tally.messages, tools=tally.tools, mock=False,
+            tool_calls=tuple((name, "") for name in tally.tool_names), partial=failed and completion > 0)
+        self._finish(record, outcome)
+
     def finish(self, record: "CallRecord") -> None:
         """Settle (or release) the call's reservation and write its call row and audit row, atomically."""
+        tally = self._streams.get(str((record.stamp or {}).get("call_id")))
+        if record.stream and not record.ok and tally is not None and (tally.text or tally.tool_text):
+            # a governed stream broke after delivering content: the error reaches the caller through
+            # the GovernedStream, which settles the call for exactly what the caller received
+            return
+        self._finish(record, None)
+
+    def _finish(self, record: "CallRecord", outcome: str | None) -> None:
         stamp = record.stamp or {}
         try:
             admission = Admission(**{k: stamp[k] for k in Admission.__dataclass_fields__ if k in stamp})
@@ -301,21 +384,53 @@ class Governor:
             return self.record_unenforced(record)
         if record.exception is not None and isinstance(record.exception, GovernanceError):
             return  # the refuser already audited it
-        now = utcnow()
         cost = self.cost_of(admission, record)
+        if record.stream:
+            outcome = outcome or ("completed" if record.ok else "failed")
+        lookup = self.trace_lookup
+        # a request the gateway turned away at its door (401/403) has no trace
+        if lookup is not None and admission.extra.get("traced") \
+                and record.error_type not in ("AuthenticationError", "PermissionDeniedError"):
+            # The money settles now; the call row and its audit row are written once the gateway has
+            # exported the call's trace (seconds later), on the lookup's thread, in one transaction.
+            with self.mart.store.begin(write=True) as conn:
+                self._settle_reservation(conn, admission, record, cost)
+            first = lookup.submit(admission.call_id, admission.route,
+                                  lambda trace: self._record(record, admission, outcome, cost, trace))
+            self._forget_stream(admission.call_id)
+            if first:
+                self._notify(record, admission)
+            return
+        if self._record(record, admission, outcome, cost, None, settle=True):
+            self._notify(record, admission)
+
+    def _settle_reservation(self, conn: Any, admission: Admission, record: "CallRecord", cost: float | None) -> None:
+        if admission.reservation_id:
+            if record.ok or (cost or 0) > 0:
+                self.budgets.settle(conn, admission.reservation_id, cost or 0.0, utcnow())
+            else:
+                self.budgets.release(conn, admission.reservation_id, utcnow())
+
+    def _record(self, record: "CallRecord", admission: Admission, outcome: str | None, cost: float | None,
+                trace: "TraceRef | None", *, settle: bool = False) -> bool:
+        """Write the finished call's row and audit row (and settle, when ``settle``) in one transaction.
+
+        False when the call was already finished (LiteLLM delivered the event twice, or a stream
+        settled itself)."""
+        now = utcnow()
         ctx = admission.context
         status = "success" if record.ok else "failure"
-        outcome = stamp.get("outcome") or ("completed" if record.ok else "failed") if record.stream else None
-        from tidyllm.mart.schema import llm_calls as calls
-
+        called = [name for name, _ in record.tool_calls]
+        extra = {"price_id": admission.price_id, "outcome": outcome, "reserved_usd": admission.reserved_usd,
+                 "litellm_call_id": record.litellm_call_id,
+                 "trace_experiment_id": trace.experiment_id if trace else None,
+                 "tool_calls": [{"name": n, "arguments": a} for n, a in record.tool_calls]
+                 if called and self.audit.capture == "full" else None}
         with self.mart.store.begin(write=True) as conn:
-            if admission.reservation_id:
-                if record.ok or (cost or 0) > 0:
-                    self.budgets.settle(conn, admission.reservation_id, cost or 0.0, now)
-                else:
-                    self.budgets.release(conn, admission.reservation_id, now)
-            updated = conn.execute(calls.update().where(calls.c.id == admission.call_id,
-                                                        calls.c.status == "pending").values(
+            if settle:
+                self._settle_reservation(conn, admission, record, cost)
+            updated = conn.execute(llm_calls.update().where(llm_calls.c.id == admission.call_id,
+                                                            llm_calls.c.status == "pending").values(
                 ended_at=now, status=status, provider_model=record.provider_model,
                 prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
                 cached_tokens=record.cached_tokens, reasoning_tokens=record.reasoning_tokens, cost_usd=cost,
@@ -323,7 +438,8 @@ class Governor:
                 error_message=redact(record.error_message)[:4000] if record.error_message else None,
                 outcome=outcome, stream=record.stream))
             if updated.rowcount == 0:
-                return  # already finished (LiteLLM delivered the event twice)
+                self._forget_stream(admission.call_id)
+                return False
             self.audit.append(conn, {
                 "call_id": admission.call_id, "recorded_at": now, "user_id": ctx.get("user_id"),
                 "department": ctx.get("department"), "audit_reason": ctx.get("audit_reason"),
@@ -333,12 +449,18 @@ class Governor:
                 "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
                 "cost_usd": cost, "latency_ms": record.latency_ms,
                 "error": f"{record.error_type}: {record.error_message}" if not record.ok else None,
-                "trace_id": _trace_id(record),
-                "extra": {k: v for k, v in {"price_id": admission.price_id, "outcome": outcome,
-                                            "reserved_usd": admission.reserved_usd,
-                                            "litellm_call_id": record.litellm_call_id}.items() if v is not None},
-                **self.audit.content_fields(record.messages, record.tools)})
-        self._notify(record, admission)
+                "trace_id": trace.trace_id if trace else None,
+                "extra": {k: v for k, v in extra.items() if v is not None},
+                **self.content_fields(record.messages, record.tools, record.tool_calls)})
+        self._forget_stream(admission.call_id)
+        return True
+
+    def _forget_stream(self, call_id: str) -> None:
+        """A governed stream's call is settled: stop tracking it, and tell the stream."""
+        with self._lock:
+            tally = self._streams.pop(call_id, None)
+        if tally is not None:
+            tally.settled.set()
 
     def record_unenforced(self, record: "CallRecord") -> None:
         """Record a call that reached a provider without admission (plain sync ``litellm.completion``):
@@ -357,6 +479,10 @@ class Governor:
         else:
             cost = (record.litellm_cost or None) if record.ok else 0.0
         call_id = record.litellm_call_id or str(uuid.uuid4())
+        # with gateway_only on, a direct call to a provider is the bypass the security team must see
+        direct = self.settings.gateway_only and not (
+            self.is_gateway_endpoint(f"openai/{model}", record.api_base) or model in self.routes)
+        rule = "gateway_only:sync-sdk-call-bypassed-enforcement" if direct else "sync-sdk-call-bypassed-enforcement"
         with self.mart.store.begin(write=True) as conn:
             if cost:
                 self.budgets.charge(conn, ctx, model, model, cost, now)
@@ -371,14 +497,19 @@ class Governor:
             self.audit.append(conn, {
                 "call_id": call_id, "recorded_at": now, "user_id": ctx.user_id, "department": ctx.department,
                 "audit_reason": ctx.audit_reason, "use_case": ctx.use_case, "data_sensitivity": ctx.data_sensitivity,
-                "requested_model": model, "route": model, "decision": "unenforced",
-                "rule": "sync-sdk-call-bypassed-enforcement", "status": "success" if record.ok else "failure",
+                "requested_model": model, "route": model, "decision": "unenforced", "rule": rule,
+                "status": "success" if record.ok else "failure",
                 "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
                 "cost_usd": cost, "latency_ms": record.latency_ms,
                 "error": f"{record.error_type}: {record.error_message}" if not record.ok else None,
-                **self.audit.content_fields(record.messages, record.tools)})
-        log.warning("unenforced LLM call %s to %s (plain sync litellm.completion); use model='tidyllm/<group>' "
-                    "or a governed Router to enforce budgets", call_id, model)
+                **self.content_fields(record.messages, record.tools, record.tool_calls)})
+        if direct:
+            log.error("LLM call %s went straight to %s although governance.gateway_only is on (plain sync "
+                      "litellm.completion cannot be stopped); use model='tidyllm/<group>' or a governed Router",
+                      call_id, model)
+        else:
+            log.warning("unenforced LLM call %s to %s (plain sync litellm.completion); use model='tidyllm/<group>' "
+                        "or a governed Router to enforce budgets", call_id, model)
         self._notify(record, None)
 
     def _notify(self, record: "CallRecord", admission: Admission | None) -> None:
@@ -388,10 +519,3 @@ class Governor:
             except Exception:  # noqa: BLE001 - observers must never break the caller's request
                 log.exception("a tidyllm call listener failed")
 
-
-def _trace_id(record: "CallRecord") -> str | None:
-    for key in ("x-mlflow-trace-id", "llm_provider-x-mlflow-trace-id", "mlflow-trace-id"):
-        value = record.headers.get(key)
-        if value:
-            return str(value)
-    return None

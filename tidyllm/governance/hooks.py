@@ -54,6 +54,8 @@ def make_callbacks(governor: "Governor", name: str,
                 return None  # admitted by the Router strategy
             kind = getattr(call_type, "value", str(call_type or "acompletion"))
             model = str(kwargs.get("model") or "")
+            if model.startswith("tidyllm/"):
+                return None  # the tidyllm/ provider sends it through the governed Router, which admits it
             route, is_gateway = resolve(model, kwargs.get("api_base"))
             is_embedding = kind in _EMBEDDING_TYPES
             messages = kwargs.get("messages")
@@ -65,16 +67,22 @@ def make_callbacks(governor: "Governor", name: str,
                                         requested_model=model, call_type=kind, messages=messages or text,
                                         call_id=kwargs.get("litellm_call_id"))
                 raise
+            traced = is_gateway and governor.trace_lookup is not None
             admission = await asyncio.to_thread(
                 governor.admit, ctx=ctx, route=route, requested_model=model, call_type=kind,
                 messages=None if is_embedding else messages, text=text if is_embedding else None,
                 tools=kwargs.get("tools"), max_tokens=kwargs.get("max_tokens"), stream=bool(kwargs.get("stream")),
                 mock=bool(kwargs.get("mock_response")), gateway=is_gateway,
-                call_id=(md.get("tidyllm_call_id") if isinstance(md, dict) else None) or kwargs.get("litellm_call_id"))
+                call_id=(md.get("tidyllm_call_id") if isinstance(md, dict) else None) or kwargs.get("litellm_call_id"),
+                extra={"traced": True} if traced else None)
             new = dict(kwargs)
             new["metadata"] = {**(md if isinstance(md, dict) else {}), STAMP_KEY: admission.stamp()}
             if not is_embedding:
                 new["max_tokens"] = admission.max_tokens
+            if traced:
+                # tags the tracking server's trace of this request with the call id (tidyllm.gateway.traces)
+                new["extra_headers"] = {**(kwargs.get("extra_headers") or {}),
+                                        **governor.trace_lookup.headers(admission.call_id)}
             return new
 
         # --- settlement -------------------------------------------------------------------------

@@ -6,7 +6,14 @@ through the platform's governed Router (model group or endpoint ``chat``), so bu
 authorisation, routing and audit apply exactly as for Router calls. LiteLLM re-wraps exceptions
 raised by a custom provider as ``litellm.BadRequestError``; the original tidyllm error (for
 example :class:`tidyllm.BudgetExceededError`) is kept as its ``__cause__`` and its message is
-carried through unchanged.
+carried through unchanged (other errors are wrapped as ``litellm.APIConnectionError``, message kept).
+
+``litellm.embedding(model="tidyllm/embed", input=[...])`` is governed the same way (the Router's
+embedding call). Streams come back from the Router as governed streams
+(:mod:`tidyllm.governance.streams`): when the caller closes or drops the outer stream LiteLLM made
+of this provider's generator, the generator closes the inner one, which settles the call for what
+it delivered. A gateway that refuses the MLflow credential (HTTP 401/403) is reported as a
+:class:`tidyllm.GatewayError` naming the variables to set.
 """
 
 from __future__ import annotations
@@ -49,6 +56,48 @@ def make_provider(get_router: Callable[[], Any]) -> Any:
             req["mock_response"] = mock
         return req
 
+    def _translated(exc: Exception) -> Exception:
+        """A 401/403 from the MLflow gateway becomes a GatewayError saying what to set."""
+        litellm = import_litellm()
+        if isinstance(exc, (litellm.AuthenticationError, litellm.PermissionDeniedError)):
+            from tidyllm.errors import GatewayError
+
+            said = str(exc.message).strip().splitlines()[0] if str(exc.message).strip() else type(exc).__name__
+            if isinstance(exc, litellm.PermissionDeniedError):
+                return GatewayError(f"the MLflow gateway refused the call (HTTP 403): the MLflow user lacks "
+                                    f"permission for this endpoint; ask an MLflow admin. Gateway said: {said}")
+            return GatewayError(f"the MLflow gateway rejected the credential (HTTP 401): set MLFLOW_TRACKING_USERNAME "
+                                f"and MLFLOW_TRACKING_PASSWORD (or mlflow_username / mlflow_password in tidyllm.yaml) "
+                                f"to an MLflow user of that server. Gateway said: {said}")
+        return exc
+
+    def _call(fn: Callable[..., Any], req: dict[str, Any]) -> Any:
+        try:
+            return fn(**req)
+        except Exception as exc:  # noqa: BLE001 - translated once, here, where it enters
+            translated = _translated(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    async def _acall(fn: Callable[..., Any], req: dict[str, Any]) -> Any:
+        try:
+            return await fn(**req)
+        except Exception as exc:  # noqa: BLE001 - translated once, here, where it enters
+            translated = _translated(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    def _embedding_request(model: str, input: list, optional_params: dict, litellm_params: Any) -> dict[str, Any]:
+        req = _request(model, [], optional_params, litellm_params)
+        req.pop("messages")
+        req["input"] = input
+        for key in ("encoding_format", "dimensions"):
+            if optional_params.get(key) is not None:
+                req[key] = optional_params[key]
+        return req
+
     class TidyLLMProvider(CustomLLM):
         """Handles ``tidyllm/<model group or endpoint>`` by calling the governed Router."""
 
@@ -56,14 +105,14 @@ def make_provider(get_router: Callable[[], Any]) -> Any:
                        model_response: Any, print_verbose: Any, encoding: Any, api_key: Any, logging_obj: Any,
                        optional_params: dict, acompletion: Any = None, litellm_params: Any = None,
                        logger_fn: Any = None, headers: Any = None, timeout: Any = None, client: Any = None) -> Any:
-            return get_router().completion(**_request(model, messages, optional_params, litellm_params))
+            return _call(get_router().completion, _request(model, messages, optional_params, litellm_params))
 
         async def acompletion(self, model: str, messages: list, api_base: str, custom_prompt_dict: dict,
                               model_response: Any, print_verbose: Any, encoding: Any, api_key: Any,
                               logging_obj: Any, optional_params: dict, acompletion: Any = None,
                               litellm_params: Any = None, logger_fn: Any = None, headers: Any = None,
                               timeout: Any = None, client: Any = None) -> Any:
-            return await get_router().acompletion(**_request(model, messages, optional_params, litellm_params))
+            return await _acall(get_router().acompletion, _request(model, messages, optional_params, litellm_params))
 
         def streaming(self, model: str, messages: list, api_base: str, custom_prompt_dict: dict,
                       model_response: Any, print_verbose: Any, encoding: Any, api_key: Any, logging_obj: Any,
@@ -73,8 +122,12 @@ def make_provider(get_router: Callable[[], Any]) -> Any:
             req = _request(model, messages, optional_params, litellm_params)
             req["stream"] = True
             req.setdefault("stream_options", {"include_usage": True})
-            for chunk in get_router().completion(**req):
-                yield _generic_chunk(chunk)
+            inner = _call(get_router().completion, req)
+            try:
+                for chunk in inner:
+                    yield _generic_chunk(chunk)
+            finally:
+                inner.close()  # the caller closed or dropped the outer stream: settle what it got
 
         async def astreaming(self, model: str, messages: list, api_base: str, custom_prompt_dict: dict,
                              model_response: Any, print_verbose: Any, encoding: Any, api_key: Any,
@@ -84,10 +137,36 @@ def make_provider(get_router: Callable[[], Any]) -> Any:
             req = _request(model, messages, optional_params, litellm_params)
             req["stream"] = True
             req.setdefault("stream_options", {"include_usage": True})
-            async for chunk in await get_router().acompletion(**req):
-                yield _generic_chunk(chunk)
+            inner = await _acall(get_router().acompletion, req)
+            try:
+                async for chunk in inner:
+                    yield _generic_chunk(chunk)
+            finally:
+                await inner.aclose()  # the caller closed or dropped the outer stream: settle what it got
+
+        def embedding(self, model: str, input: list, model_response: Any, print_verbose: Any, logging_obj: Any,
+                      optional_params: dict, api_key: Any = None, api_base: Any = None, timeout: Any = None,
+                      litellm_params: Any = None) -> Any:
+            return _call(get_router().embedding, _embedding_request(model, input, optional_params, litellm_params))
+
+        async def aembedding(self, model: str, input: list, model_response: Any, print_verbose: Any,
+                             logging_obj: Any, optional_params: dict, api_key: Any = None, api_base: Any = None,
+                             timeout: Any = None, litellm_params: Any = None) -> Any:
+            return await _acall(get_router().aembedding,
+                                _embedding_request(model, input, optional_params, litellm_params))
 
     return TidyLLMProvider()
+
+
+def _tool_use(delta: Any) -> dict[str, Any] | None:
+    """The first tool-call delta of a chunk, as LiteLLM's ``ChatCompletionToolCallChunk``."""
+    calls = getattr(delta, "tool_calls", None) if delta is not None else None
+    if not calls:
+        return None
+    call = calls[0]
+    fn = getattr(call, "function", None)
+    return {"id": getattr(call, "id", None), "type": "function", "index": getattr(call, "index", 0) or 0,
+            "function": {"name": getattr(fn, "name", None), "arguments": getattr(fn, "arguments", None) or ""}}
 
 
 def _generic_chunk(chunk: Any) -> dict[str, Any]:
@@ -97,7 +176,7 @@ def _generic_chunk(chunk: Any) -> dict[str, Any]:
     usage = getattr(chunk, "usage", None)
     return {
         "text": (getattr(delta, "content", None) or "") if delta is not None else "",
-        "tool_use": None,
+        "tool_use": _tool_use(delta),
         "is_finished": bool(getattr(choice, "finish_reason", None)) if choice is not None else usage is not None,
         "finish_reason": (getattr(choice, "finish_reason", None) or "") if choice is not None else "stop",
         "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,

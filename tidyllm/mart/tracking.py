@@ -13,6 +13,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Mapping
 
+import sqlalchemy as sa
+
 from tidyllm.mart.schema import execution_steps, executions
 from tidyllm.mart.store import utcnow
 
@@ -20,6 +22,12 @@ if TYPE_CHECKING:
     from tidyllm.mart.store import Store
 
 __all__ = ["Tracker"]
+
+# Built once: statements whose values arrive as parameters compile once and hit SQLAlchemy's
+# statement cache; ``.values(...)`` with literal values per call cost more than the database work.
+_INSERT_EXECUTION = executions.insert()
+_INSERT_STEPS = execution_steps.insert()
+_FINISH_EXECUTION = executions.update().where(executions.c.id == sa.bindparam("execution_id"))
 
 
 class Tracker:
@@ -63,9 +71,9 @@ class Tracker:
         self._started_at = utcnow()
         self.status = "running"
         with self._store.begin() as conn:
-            conn.execute(executions.insert().values(
-                id=self.execution_id, module=self.module, operation=self.operation, context=self.context,
-                status="running", started_at=self._started_at))
+            conn.execute(_INSERT_EXECUTION, {
+                "id": self.execution_id, "module": self.module, "operation": self.operation,
+                "context": self.context, "status": "running", "started_at": self._started_at})
         return self
 
     def _finish(self, exc: BaseException | None) -> None:
@@ -76,11 +84,12 @@ class Tracker:
                      "data": s["data"], "recorded_at": s["recorded_at"]} for i, s in enumerate(self.steps)]
         with self._store.begin() as conn:
             if rows:
-                conn.execute(execution_steps.insert(), rows)
-            conn.execute(executions.update().where(executions.c.id == self.execution_id).values(
-                status=self.status, ended_at=utcnow(), duration_ms=duration_ms, result=self.result,
-                error_type=type(exc).__name__ if exc is not None else None,
-                error_message=str(exc)[:4000] if exc is not None else None))
+                conn.execute(_INSERT_STEPS, rows)
+            conn.execute(_FINISH_EXECUTION, {
+                "execution_id": self.execution_id, "status": self.status, "ended_at": utcnow(),
+                "duration_ms": duration_ms, "result": self.result,
+                "error_type": type(exc).__name__ if exc is not None else None,
+                "error_message": str(exc)[:4000] if exc is not None else None})
 
     def __enter__(self) -> "Tracker":
         return self._start()
