@@ -508,8 +508,8 @@ class Governor:
                       "litellm.completion cannot be stopped); use model='tidyllm/<group>' or a governed Router",
                       call_id, model)
         else:
-            log.warning("unenforced LLM call %s to %s (plain sync litellm.completion); use model='tidyllm/<group>' "
-                        "or a governed Router to enforce budgets", call_id, model)
+            log.warning("unenforced LLM call %s to %s (a path tidyllm cannot stop, e.g. plain sync "
+                        "litellm.completion); use model='tidyllm/<group>' or a governed Router", call_id, model)
         self._notify(record, None)
 
     def _notify(self, record: "CallRecord", admission: Admission | None) -> None:

@@ -116,7 +116,7 @@ def read_frame(store: "Store", table: str, *, columns: Iterable[str] | None = No
         desc = order_by.startswith("-")
         col = tbl.c[order_by.lstrip("-")]
         query = query.order_by(col.desc() if desc else col)
-    elif "seq" in tbl.c and "seq" in cols:
+    elif table == "audit_log" and "seq" in cols:  # the audit trail reads in chain order
         query = query.order_by(tbl.c.seq)
     if limit is not None:
         query = query.limit(int(limit))
