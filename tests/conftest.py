@@ -53,6 +53,19 @@ def _restore_litellm() -> Iterator[None]:
     # module-scoped fixture registered out of litellm.callbacks)
     for name, before in saved.items():
         getattr(litellm, name)[:] = before
+    # ... but never resurrect the callbacks of a platform that was replaced or uninstalled meanwhile:
+    # a stale governor would admit (and settle into its own mart) the calls of later tests
+    from tidyllm.platform import current
+
+    live = current()
+    keep_cb = live._callbacks if live is not None else None
+    keep_provider = live._provider if live is not None else None
+    for name in saved:
+        items = getattr(litellm, name)
+        items[:] = [c for c in items
+                    if not (getattr(c, "tidyllm_platform", None) and c is not keep_cb)
+                    and not (isinstance(c, dict) and c.get("provider") == "tidyllm"
+                             and c.get("custom_handler") is not keep_provider)]
     litellm.model_cost.clear()
     litellm.model_cost.update(saved_cost)
     try:

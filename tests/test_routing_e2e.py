@@ -94,18 +94,6 @@ def test_a_refused_call_is_not_the_routes_fault(stack: LocalStack) -> None:
     assert len(p.mart.frame("routing_decisions")) == before
 
 
-def test_enterprise_gateway_returns_the_seed_dict(stack: LocalStack) -> None:
-    gw = tidyllm.TidyLLMGateway(mlflow_gateway_uri=stack.gateway.uri,
-                                enterprise_config=tidyllm.EnterpriseConfig(require_audit=True),
-                                config=stack.platform.settings)
-    out = gw.completion(model="chat", messages=[{"role": "user", "content": "Summarise Q3."}], user_id="ana",
-                        department="finance", audit_reason="MVR peer review", use_case="summarise", max_tokens=30)
-    assert out["route"].startswith("chat-") and out["cost_usd"] > 0 and out["usage"]["total_tokens"] > 0
-    assert out["content"] and out["model"].startswith("sim-")
-    with pytest.raises(tidyllm.MetadataError, match="audit reason"):
-        gw.completion(model="chat", messages=[{"role": "user", "content": "x"}], user_id="ana", department="risk")
-
-
 def test_routes_cli_status_and_evaluate(stack: LocalStack) -> None:
     from tidyllm.cli import main
 
@@ -119,3 +107,16 @@ def test_routes_cli_status_and_evaluate(stack: LocalStack) -> None:
     result = CliRunner(env=env).invoke(main, ["routes", "evaluate", "--bootstrap", "20", *args],
                                        catch_exceptions=False)
     assert result.exit_code == 0 and "snips" in result.output.lower()
+
+
+def test_enterprise_gateway_returns_the_seed_dict(stack: LocalStack) -> None:
+    # last in the module: TidyLLMGateway installs its own platform (require_audit on), replacing the stack's
+    gw = tidyllm.TidyLLMGateway(mlflow_gateway_uri=stack.gateway.uri,
+                                enterprise_config=tidyllm.EnterpriseConfig(require_audit=True),
+                                config=stack.platform.settings)
+    out = gw.completion(model="chat", messages=[{"role": "user", "content": "Summarise Q3."}], user_id="ana",
+                        department="finance", audit_reason="MVR peer review", use_case="summarise", max_tokens=30)
+    assert out["route"].startswith("chat-") and out["cost_usd"] > 0 and out["usage"]["total_tokens"] > 0
+    assert out["content"] and out["model"].startswith("sim-")
+    with pytest.raises(tidyllm.MetadataError, match="audit reason"):
+        gw.completion(model="chat", messages=[{"role": "user", "content": "x"}], user_id="ana", department="risk")

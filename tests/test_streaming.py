@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import time
 import uuid
 from typing import Any, Iterator
@@ -350,3 +351,35 @@ def test_an_abandoned_plain_acompletion_stream_is_released_when_its_lease_expire
     time.sleep(1.2)
     assert p.budgets.reconcile() == 1
     assert budget(stack, dept)["reserved_usd"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_completed_stream_settles_itself_when_litellm_loses_its_success_event(
+        stack: LocalStack, dept: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An async stream's success event is logged from a task of the caller's event loop: a loop that
+    closes right away cancels it. Here it is dropped outright; the governed stream settles anyway."""
+    from tidyllm.governance import streams
+
+    p = stack.platform
+    monkeypatch.setattr(streams, "EVENT_GRACE_SECONDS", 0.5)
+
+    async def lost(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    monkeypatch.setattr(p._callbacks, "async_log_success_event", lost)
+    caplog.set_level(logging.WARNING, logger="tidyllm")
+    call_id = f"lost-{uuid.uuid4().hex[:6]}"
+    chunks: list[Any] = []
+
+    async def go() -> None:
+        stream = await p.router().acompletion(model="chat-small", messages=MSG, stream=True,
+                                              stream_options={"include_usage": True}, metadata=meta(dept, call_id))
+        async for chunk in stream:
+            chunks.append(chunk)
+
+    asyncio.run(go())
+    gc.collect()
+    call = settled(stack, call_id)
+    usage = [c.usage for c in chunks if getattr(c, "usage", None) is not None][-1]
+    assert call["outcome"] == "completed" and call["completion_tokens"] == usage.completion_tokens == ANSWER_TOKENS
+    assert_no_reservation(stack, dept, call["cost_usd"])
+    assert "no success event from LiteLLM" in caplog.text

@@ -10,8 +10,8 @@ request header, as the trace metadata ``mlflow.gateway.caller``. So tidyllm send
 ``X-MLflow-Gateway-Caller: tidyllm/<call id>`` with each governed call to a tracking-server
 endpoint and looks the trace up by that value once the call is over.
 
-The server exports traces through OpenTelemetry's batch span processor, by default every 5 s
-(``OTEL_BSP_SCHEDULE_DELAY``), so a trace appears seconds after its response. Waiting for it on
+The server exports traces in batches, by default every 5 s (its
+``MLFLOW_ASYNC_TRACE_LOGGING_MAX_INTERVAL_MILLIS``), so a trace appears seconds after its response. Waiting for it on
 LiteLLM's logging threads would starve them; :class:`TraceLookup` therefore runs one background
 thread that polls each endpoint's experiment for all calls it waits for at once, and hands each
 call its :class:`TraceRef` (or None after ``wait_seconds``). The thread is not a daemon and stops

@@ -3,7 +3,9 @@
 One :class:`GovernanceCallbacks` instance is registered per installed platform. It
 
 - gates plain ``litellm.acompletion`` / ``aembedding`` calls in ``async_pre_call_deployment_hook``
-  (the only hook that can stop a plain SDK call), skipping calls the Router strategy already admitted;
+  (the only hook that can stop a plain SDK call), skipping calls the Router strategy already admitted
+  and ``tidyllm/`` calls (the provider sends those through the governed Router); a call to a
+  tracking-server endpoint gets the header that links it to its MLflow trace;
 - settles every admitted call from the success/failure callbacks (sync variants run on LiteLLM's
   logging threads, async ones on the event loop — exactly one of each pair runs per call);
 - records plain sync ``litellm.completion`` calls, which no callback can stop, as ``unenforced``.
@@ -67,22 +69,21 @@ def make_callbacks(governor: "Governor", name: str,
                                         requested_model=model, call_type=kind, messages=messages or text,
                                         call_id=kwargs.get("litellm_call_id"))
                 raise
-            traced = is_gateway and governor.trace_lookup is not None
+            lookup = governor.trace_lookup if is_gateway else None
             admission = await asyncio.to_thread(
                 governor.admit, ctx=ctx, route=route, requested_model=model, call_type=kind,
                 messages=None if is_embedding else messages, text=text if is_embedding else None,
                 tools=kwargs.get("tools"), max_tokens=kwargs.get("max_tokens"), stream=bool(kwargs.get("stream")),
                 mock=bool(kwargs.get("mock_response")), gateway=is_gateway,
                 call_id=(md.get("tidyllm_call_id") if isinstance(md, dict) else None) or kwargs.get("litellm_call_id"),
-                extra={"traced": True} if traced else None)
+                extra={"traced": True} if lookup is not None else None)
             new = dict(kwargs)
             new["metadata"] = {**(md if isinstance(md, dict) else {}), STAMP_KEY: admission.stamp()}
             if not is_embedding:
                 new["max_tokens"] = admission.max_tokens
-            if traced:
+            if lookup is not None:
                 # tags the tracking server's trace of this request with the call id (tidyllm.gateway.traces)
-                new["extra_headers"] = {**(kwargs.get("extra_headers") or {}),
-                                        **governor.trace_lookup.headers(admission.call_id)}
+                new["extra_headers"] = {**(kwargs.get("extra_headers") or {}), **lookup.headers(admission.call_id)}
             return new
 
         # --- settlement -------------------------------------------------------------------------

@@ -152,8 +152,9 @@ def build_strategy(router: Any, governor: "Governor", health: "RouteHealth", cho
             refusals = {r: gov.check_authorized(ctx, r) for r in candidates}
             allowed = [r for r in candidates if refusals[r] is None]
             if not allowed:
+                # raises RouteNotAuthorizedError, audited
                 gov.admit(ctx=ctx, route=candidates[0], requested_model=model, call_type=call_type,
-                          messages=messages, text=input, call_id=call_id)  # raises RouteNotAuthorizedError, audited
+                          messages=messages, text=input, call_id=call_id)
             # a retry avoids the authorised routes that already failed for this request, when it has a choice
             allowed = [r for r in allowed if r not in tried] or allowed
             from tidyllm.governance.engine import estimate_prompt_tokens
@@ -171,7 +172,8 @@ def build_strategy(router: Any, governor: "Governor", health: "RouteHealth", cho
             deployment = by_route[decision.route]
             params = deployment.get("litellm_params") or {}
             gateway = self._is_gateway(decision.route, params)
-            traced = gateway and gov.trace_lookup is not None
+            lookup = gov.trace_lookup if gateway else None
+            traced = lookup is not None
             admission = gov.admit(
                 ctx=ctx, route=decision.route, requested_model=model, call_type=call_type, messages=messages,
                 text=input, tools=tools, max_tokens=request_kwargs.get("max_tokens"), prompt_tokens=prompt_tokens,
@@ -190,7 +192,7 @@ def build_strategy(router: Any, governor: "Governor", health: "RouteHealth", cho
                 # deployment's (the gateway credential) and add the trace tag (tidyllm.gateway.traces)
                 request_kwargs["extra_headers"] = {
                     **(request_kwargs.get("extra_headers") or {}), **(params.get("extra_headers") or {}),
-                    **(gov.trace_lookup.headers(admission.call_id) if traced and gov.trace_lookup else {})}
+                    **(lookup.headers(admission.call_id) if lookup is not None else {})}
             self.health.picked(decision.route)
             return deployment
 
