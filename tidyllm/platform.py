@@ -203,10 +203,14 @@ class Platform:
 
         deadline = time.monotonic() + timeout
         delay = 0.002
+        # a call admitted in this process: also wait for its listeners (the router's credit) to have run
+        listeners = self.governor.listeners_done.get(call_id)
         while True:
             with self.mart.store.begin() as conn:
                 row = conn.execute(sa.select(llm_calls).where(llm_calls.c.id == call_id)).mappings().first()
             if row is not None and row["status"] != "pending":
+                if listeners is not None:
+                    listeners.wait(max(0.0, deadline - time.monotonic()))
                 return dict(row)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"call {call_id} was not settled within {timeout} s")

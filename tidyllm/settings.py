@@ -61,7 +61,7 @@ class GovernanceSettings:
     #: refuse calls whose model is not a configured gateway endpoint
     gateway_only: bool = False
     #: allow ``mock_response`` calls when ``gateway_only`` is on (tests and demos)
-    allow_mock: bool = True
+    allow_mock: bool = False
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,8 @@ class Governor:
         self.routes: dict[str, RouteFacts] = dict(routes or {})
         self.gateway_api_bases = tuple(b.rstrip("/") for b in gateway_api_bases)
         self._listeners: list[Callable[["CallRecord", Admission | None], None]] = []
+        # call id -> set once the call's listeners (router credit, health) have run; see Platform.wait_for_call
+        self.listeners_done: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         #: open governed streams of this process, by call id (see tidyllm.governance.streams)
         self._streams: dict[str, "StreamTally"] = {}
@@ -245,6 +247,7 @@ class Governor:
             raise refusal[0]
         if admission.clamped:
             log.info("call %s: max_tokens clamped to %d to fit the budget", call_id, admission.max_tokens)
+        self.listeners_done[call_id] = threading.Event()
         return admission
 
     def _store_litellm_price(self, conn: Any, price: "Price", admission: Admission) -> Admission:
@@ -518,4 +521,8 @@ class Governor:
                 fn(record, admission)
             except Exception:  # noqa: BLE001 - observers must never break the caller's request
                 log.exception("a tidyllm call listener failed")
+        if admission is not None:
+            done = self.listeners_done.pop(admission.call_id, None)
+            if done is not None:
+                done.set()
 
