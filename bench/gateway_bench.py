@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,17 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+from _common import percentile, print_header, print_load, write_results  # noqa: E402
+
 MESSAGES = [{"role": "user", "content": "Summarise the peer review findings in two sentences."}]
 PATHS = ("direct", "legacy", "server")
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The ``q`` quantile (0..1) by linear interpolation, as numpy's default."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def summary(ms: list[float]) -> dict[str, float]:
@@ -178,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"LiteLLM chat call latency, {args.calls} calls per path, interleaved (simulator latency scale "
           f"{args.latency_scale:g}, route {args.route} -> {sim_model})")
     header = f"{'path':<8} {'median ms':>10} {'p95 ms':>9} {'mean ms':>9} {'+median vs direct':>18} {'errors':>7}"
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for p in PATHS:
         r = results[p]
         if not r.get("n"):
@@ -188,35 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{p:<8} {r['median_ms']:>10.2f} {r['p95_ms']:>9.2f} {r['mean_ms']:>9.2f} "
               f"{r['added_median_ms']:>+18.2f} {r['errors']:>7}")
     print(f"\nsimulator requests during the measured run: {served} (expected {3 * args.calls - sum(errors.values())})")
-    print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} CPUs")
+    print_load(load_before, load_after)
 
-    out = {
-        "benchmark": "gateway",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    write_results(args.out, "gateway", {
         "calls_per_path": args.calls, "warmup_per_path": args.warmup, "latency_scale": args.latency_scale,
         "route": args.route, "simulator_model": sim_model, "max_tokens": args.max_tokens,
         "results": results, "simulator_requests": served, "gateway_startup_s": startup_s,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "loadavg_before": load_before, "loadavg_after": load_after},
-        "versions": _versions(),
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    }, load_before, load_after, packages=("tidyllm", "litellm", "mlflow", "httpx"))
     return 0
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("tidyllm", "litellm", "mlflow", "httpx"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 if __name__ == "__main__":

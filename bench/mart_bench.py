@@ -29,18 +29,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _common import postgres_database, print_header, print_load, write_results  # noqa: E402
 
 EXPECTED_DTYPES = {"id": "object", "execution_id": "object", "seq": "Int64", "name": "object", "data": "object",
                    "recorded_at": "datetime64[us, UTC]"}
@@ -231,37 +231,6 @@ def frame_load(url: str, n: int, repeat: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ driver
 
 
-def _postgres_database(base_url: str) -> tuple[str, Any]:
-    import psycopg
-    import sqlalchemy as sa
-
-    base = sa.engine.make_url(base_url)
-    if base.drivername == "postgresql":
-        base = base.set(drivername="postgresql+psycopg")
-    admin = base.set(drivername="postgresql").render_as_string(hide_password=False)
-    name = f"tidyllm_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-    def drop() -> None:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    return base.set(database=name).render_as_string(hide_password=False), drop
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("tidyllm", "sqlalchemy", "pandas", "pyarrow", "psycopg", "adbc-driver-postgresql"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
@@ -287,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tidyllm-mart-bench-") as tmp:
         backends: list[tuple[str, str, Any]] = [("sqlite", f"sqlite:///{Path(tmp) / 'track.db'}", None)]
         if args.postgres_url:
-            backends.append(("postgresql", *_postgres_database(args.postgres_url)))
+            backends.append(("postgresql", *postgres_database(args.postgres_url)))
         else:
             results["notes"].append("PostgreSQL skipped: no --postgres-url or TIDYLLM_BENCH_POSTGRES_URL")
         try:
@@ -303,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_frame:
             frame_backends: list[tuple[str, str, Any]] = [("sqlite", f"sqlite:///{Path(tmp) / 'frame.db'}", None)]
             if args.postgres_url:
-                frame_backends.append(("postgresql", *_postgres_database(args.postgres_url)))
+                frame_backends.append(("postgresql", *postgres_database(args.postgres_url)))
             try:
                 for name, url, _ in frame_backends:
                     print(f"{name}: bulk-inserting {args.rows:,} step rows, then timing frame() ...", flush=True)
@@ -317,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("Tracked executions (1 execution + 3 steps + result each)")
     header = f"{'backend':<11} {'processes':>9} {'executions':>10} {'seconds':>8} {'exec/s':>8} {'exec/CPU-s':>10}"
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for r in results["tracked"]:
         per_cpu = f"{r['executions_per_cpu_s']:>10.0f}" if "executions_per_cpu_s" in r else f"{'-':>10}"
         print(f"{r['backend']:<11} {r['processes']:>9} {r['executions']:>10} {r['seconds']:>8.2f} "
@@ -330,8 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(f"frame('execution_steps') over {args.rows:,} rows (typed: {EXPECTED_DTYPES})")
         header = f"{'backend':<11} {'best s':>7} {'median s':>9} {'median CPU s':>13} {'all runs s':>22}"
-        print(header)
-        print("-" * len(header))
+        print_header(header)
         for name, r in results["frame"].items():
             runs = ", ".join(f"{s:.2f}" for s in r["seconds"])
             print(f"{name:<11} {r['best_s']:>7.2f} {r['median_s']:>9.2f} {r['median_cpu_s']:>13.2f} {runs:>22}")
@@ -340,16 +307,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"target: 1,000,000 rows <= 1.5 s on SQLite (median) -> {'met' if met else 'MISSED'}")
     for note in results["notes"]:
         print(f"note: {note}")
-    print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} CPUs")
+    print_load(load_before, load_after)
 
-    out = {"benchmark": "mart", "command": " ".join([Path(sys.executable).name, *sys.argv]), **results,
-           "targets": {"tracked_executions_per_s_single_sqlite": 1500, "frame_1m_rows_sqlite_s": 1.5},
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                       "loadavg_before": load_before, "loadavg_after": load_after},
-           "versions": _versions(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    targets = {"tracked_executions_per_s_single_sqlite": 1500, "frame_1m_rows_sqlite_s": 1.5}
+    write_results(args.out, "mart", {**results, "targets": targets}, load_before, load_after,
+                  packages=("tidyllm", "sqlalchemy", "pandas", "pyarrow", "psycopg", "adbc-driver-postgresql"))
     return 0
 
 

@@ -5,25 +5,18 @@ a RAG pipeline embedding 2,000 chunks stops exactly at its budget."""
 from __future__ import annotations
 
 import asyncio
-import uuid
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+from _fixtures import budget_status, instant_profiles, new_department, stack_fixture
 
 from tidyllm.errors import BudgetExceededError, RouteNotAuthorizedError
 from tidyllm.gateway.simulator import count_tokens as sim_tokens
-from tidyllm.gateway.simulator import parse_profiles
 from tidyllm.governance.engine import estimate_prompt_tokens
 from tidyllm.stack import LocalStack
 
 PRICE_IN = 0.02  # USD per 1M input tokens, the bundled embed route
-PROFILES = parse_profiles({"models": {
-    "sim-gpt-small": {"latency": {"base_ms": 0}},
-    "sim-gpt-large": {"latency": {"base_ms": 0}},
-    "sim-claude": {"latency": {"base_ms": 0}},
-    "sim-onprem-llama": {"latency": {"base_ms": 0}},
-    "sim-embed": {"kind": "embedding", "latency": {"base_ms": 0}, "embedding_dim": 32},
-}})
+PROFILES = instant_profiles(extra={"sim-embed": {"embedding_dim": 32}})
 WORDS = ("credit", "risk", "model", "validation", "board", "capital", "liquidity", "stress", "scenario",
          "exposure", "limit", "review", "finding", "control", "policy", "market")
 
@@ -36,12 +29,7 @@ def chunk(i: int) -> str:
 pytestmark = pytest.mark.slow  # starts an MLflow gateway
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    db = tmp_path_factory.mktemp("embed") / "mart.db"
-    with LocalStack(profiles=PROFILES, latency_scale=0, database_url=f"sqlite:///{db}",
-                    routing={"strategy": "cheapest"}) as s:
-        yield s
+stack = stack_fixture(PROFILES, "embed")
 
 
 def meta(dept: str, call_id: str | None = None, **more: Any) -> dict[str, Any]:
@@ -51,18 +39,8 @@ def meta(dept: str, call_id: str | None = None, **more: Any) -> dict[str, Any]:
     return {**md, **more}
 
 
-def new_dept(stack: LocalStack, limit: float) -> str:
-    name = f"rag-{uuid.uuid4().hex[:8]}"
-    stack.platform.budgets.set("department", name, limit, "month")
-    return name
-
-
-def status(stack: LocalStack, dept: str) -> Any:
-    return stack.platform.budgets.status(scope="department", name=dept).iloc[0]
-
-
 def test_router_embedding_is_priced_per_input_token_reserved_settled_and_audited(stack: LocalStack) -> None:
-    dept = new_dept(stack, 1.0)
+    dept = new_department(stack, "rag", 1.0)
     batch = [chunk(i) for i in range(8)]
     before = stack.simulator.hits("sim-embed")
     resp = stack.platform.router().embedding(model="embed", input=batch, metadata=meta(dept, f"emb-{dept}"))
@@ -73,7 +51,7 @@ def test_router_embedding_is_priced_per_input_token_reserved_settled_and_audited
     assert not call["completion_tokens"]
     assert call["cost_usd"] == pytest.approx(resp.usage.prompt_tokens * PRICE_IN / 1e6)
     assert call["reserved_usd"] == pytest.approx(estimate_prompt_tokens("embed", text=batch) * PRICE_IN / 1e6)
-    s = status(stack, dept)
+    s = budget_status(stack, dept)
     assert s["spent_usd"] == pytest.approx(call["cost_usd"]) and s["reserved_usd"] == pytest.approx(0, abs=1e-15)
     row = stack.platform.audit.show(f"emb-{dept}")
     assert row["decision"] == "allowed" and row["requested_model"] == "embed" and row["content_hash"]
@@ -83,7 +61,7 @@ def test_router_embedding_is_priced_per_input_token_reserved_settled_and_audited
 def test_a_refused_embedding_batch_never_reaches_the_provider(stack: LocalStack, path: str) -> None:
     import litellm
 
-    dept = new_dept(stack, 0.0)
+    dept = new_department(stack, "rag", 0.0)
     call_id = f"emb-refused-{path}-{dept}"
     batch = [chunk(i) for i in range(20)]
     before = stack.simulator.hits("sim-embed")
@@ -108,7 +86,7 @@ def test_a_refused_embedding_batch_never_reaches_the_provider(stack: LocalStack,
 
 def test_embeddings_are_authorised_like_chat(stack: LocalStack) -> None:
     """The embed route accepts public and internal data only: confidential chunks are refused."""
-    dept = new_dept(stack, 1.0)
+    dept = new_department(stack, "rag", 1.0)
     before = stack.simulator.hits("sim-embed")
     with pytest.raises(RouteNotAuthorizedError, match="confidential"):
         stack.platform.router().embedding(model="embed", input=["client list: ..."],
@@ -120,7 +98,7 @@ def test_embeddings_are_authorised_like_chat(stack: LocalStack) -> None:
 def test_plain_aembedding_and_the_tidyllm_provider_are_governed(stack: LocalStack) -> None:
     import litellm
 
-    dept = new_dept(stack, 1.0)
+    dept = new_department(stack, "rag", 1.0)
     batch = [chunk(i) for i in range(5)]
 
     async def go() -> Any:
@@ -136,7 +114,7 @@ def test_plain_aembedding_and_the_tidyllm_provider_are_governed(stack: LocalStac
     assert len(sync.data) == 5
     call = stack.platform.wait_for_call(f"semb-{dept}")
     assert call["status"] == "success" and call["route"] == "embed"
-    assert status(stack, dept)["reserved_usd"] == pytest.approx(0, abs=1e-15)
+    assert budget_status(stack, dept)["reserved_usd"] == pytest.approx(0, abs=1e-15)
 
 
 def test_a_rag_pipeline_of_2000_chunks_stops_exactly_at_its_budget(stack: LocalStack) -> None:
@@ -145,12 +123,12 @@ def test_a_rag_pipeline_of_2000_chunks_stops_exactly_at_its_budget(stack: LocalS
     chunks = [chunk(i) for i in range(2000)]
     batches = [chunks[i:i + 50] for i in range(0, len(chunks), 50)]
     limit = 0.00045
-    dept = new_dept(stack, limit)
+    dept = new_department(stack, "rag", limit)
     router = p.router()
     embedded, hits = 0, stack.simulator.hits("sim-embed")
     refused_batch = None
     for n, batch in enumerate(batches):
-        before = status(stack, dept)
+        before = budget_status(stack, dept)
         worst = estimate_prompt_tokens("embed", text=batch) * PRICE_IN / 1e6
         try:
             resp = router.embedding(model="embed", input=batch, metadata=meta(dept, f"rag-{dept}-{n}"))
@@ -167,7 +145,7 @@ def test_a_rag_pipeline_of_2000_chunks_stops_exactly_at_its_budget(stack: LocalS
     assert refused_batch is not None and 10 < refused_batch < 30  # it stopped about halfway
     assert embedded == refused_batch * 50
     assert stack.simulator.hits("sim-embed") == hits + refused_batch  # the refused batch never reached it
-    final = status(stack, dept)
+    final = budget_status(stack, dept)
     assert final["spent_usd"] <= limit and final["reserved_usd"] == pytest.approx(0, abs=1e-15)
     calls = p.calls(department=dept)
     assert (calls["status"] == "success").sum() == refused_batch and (calls["status"] == "refused").sum() == 1

@@ -10,25 +10,19 @@ import gc
 import logging
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+from _fixtures import budget_status, instant_profiles, new_department, stack_fixture
 
 from tidyllm.errors import BudgetExceededError
-from tidyllm.gateway.simulator import parse_profiles
 from tidyllm.governance.engine import count_tokens
 from tidyllm.stack import LocalStack
 
 ANSWER_TOKENS = 60
 FIXED = {"min": ANSWER_TOKENS, "max": ANSWER_TOKENS}
 #: the bundled gateway's routes, on simulator models with fixed answers; chat-onprem always breaks its streams
-PROFILES = parse_profiles({"models": {
-    "sim-gpt-small": {"latency": {"base_ms": 0}, "output_tokens": FIXED},
-    "sim-gpt-large": {"latency": {"base_ms": 0}, "output_tokens": FIXED},
-    "sim-claude": {"latency": {"base_ms": 0}, "output_tokens": FIXED},
-    "sim-onprem-llama": {"latency": {"base_ms": 0}, "output_tokens": FIXED, "stream_failure_rate": 1.0},
-    "sim-embed": {"kind": "embedding", "latency": {"base_ms": 0}},
-}})
+PROFILES = instant_profiles(chat={"output_tokens": FIXED}, extra={"sim-onprem-llama": {"stream_failure_rate": 1.0}})
 MSG = [{"role": "user", "content": "Summarise the credit committee minutes for the board."}]
 PRICE_IN, PRICE_OUT = 0.15, 0.60  # chat-small in the bundled gateway config
 
@@ -36,30 +30,18 @@ PRICE_IN, PRICE_OUT = 0.15, 0.60  # chat-small in the bundled gateway config
 pytestmark = pytest.mark.slow  # starts an MLflow gateway
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    db = tmp_path_factory.mktemp("streams") / "mart.db"
-    with LocalStack(profiles=PROFILES, latency_scale=0, database_url=f"sqlite:///{db}",
-                    routing={"strategy": "cheapest"}) as s:
-        yield s
+stack = stack_fixture(PROFILES, "streams")
 
 
 @pytest.fixture
 def dept(stack: LocalStack) -> str:
     """A department of its own for each test, with a $1 monthly budget."""
-    name = f"d-{uuid.uuid4().hex[:8]}"
-    assert stack.platform is not None
-    stack.platform.budgets.set("department", name, 1.0, "month")
-    return name
+    return new_department(stack, "d", 1.0)
 
 
 def meta(dept: str, call_id: str) -> dict[str, Any]:
     return {"user_id": "ana", "department": dept, "audit_reason": "board pack", "use_case": "summarise",
             "tidyllm_call_id": call_id}
-
-
-def budget(stack: LocalStack, dept: str) -> Any:
-    return stack.platform.budgets.status(scope="department", name=dept).iloc[0]
 
 
 def flush() -> None:
@@ -83,7 +65,7 @@ def audit_of(stack: LocalStack, call_id: str) -> dict[str, Any]:
 
 
 def assert_no_reservation(stack: LocalStack, dept: str, cost: float) -> None:
-    status = budget(stack, dept)
+    status = budget_status(stack, dept)
     assert status["reserved_usd"] == pytest.approx(0.0, abs=1e-12)
     assert status["spent_usd"] == pytest.approx(cost)
 
@@ -101,12 +83,12 @@ def test_router_stream_reserves_first_and_settles_from_the_usage_chunk(stack: Lo
     chunks: list[Any] = []
     if mode == "sync":
         stream = router.completion(**kwargs)
-        held = budget(stack, dept)["reserved_usd"]  # the stream is open: its worst case is reserved
+        held = budget_status(stack, dept)["reserved_usd"]  # the stream is open: its worst case is reserved
         chunks = list(stream)
     else:
         async def go() -> float:
             stream = await router.acompletion(**kwargs)
-            held = budget(stack, dept)["reserved_usd"]
+            held = budget_status(stack, dept)["reserved_usd"]
             async for chunk in stream:
                 chunks.append(chunk)
             return held
@@ -207,7 +189,7 @@ def test_an_abandoned_stream_settles_what_it_delivered_and_releases_the_rest(sta
     if how == "sync-close":
         stream = router.completion(model="chat-small", **kwargs)
         take_sync(stream)
-        assert budget(stack, dept)["reserved_usd"] > 0  # still open: nothing settled yet
+        assert budget_status(stack, dept)["reserved_usd"] > 0  # still open: nothing settled yet
         stream.close()
     elif how == "sync-drop":
         def abandon() -> None:
@@ -314,7 +296,7 @@ def test_plain_acompletion_stream_is_reserved_and_settled(stack: LocalStack, dep
     async def go() -> float:
         stream = await litellm.acompletion(model="openai/chat-small", api_base=stack.gateway.api_base, api_key="x",
                                            messages=MSG, stream=True, metadata=meta(dept, call_id))
-        held = budget(stack, dept)["reserved_usd"]
+        held = budget_status(stack, dept)["reserved_usd"]
         async for _ in stream:
             pass
         # LiteLLM logs a plain async stream's success in a task of this loop: a loop closed right
@@ -346,11 +328,11 @@ def test_an_abandoned_plain_acompletion_stream_is_released_when_its_lease_expire
         await stream.aclose()
 
     asyncio.run(go())
-    assert budget(stack, dept)["reserved_usd"] > 0
+    assert budget_status(stack, dept)["reserved_usd"] > 0
     assert p.calls(id=call_id).iloc[0]["status"] == "pending"
     time.sleep(1.2)
     assert p.budgets.reconcile() == 1
-    assert budget(stack, dept)["reserved_usd"] == pytest.approx(0.0, abs=1e-12)
+    assert budget_status(stack, dept)["reserved_usd"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_a_completed_stream_settles_itself_when_litellm_loses_its_success_event(

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from tidyllm.errors import GatewayConfigError
+from tidyllm.gateway._checks import is_number
 from tidyllm.settings import SENSITIVITY_CLASSES
 
 __all__ = [
@@ -447,15 +448,25 @@ class _Parser:
             raise self.fail(where, f"{given[0]} {value!r} is not one of {', '.join(ENDPOINT_TYPES)}")
         return value
 
-    def route(self, item: Any, where: str) -> Route:
+    def _fields(self, item: Mapping[str, Any], where: str, allowed: Sequence[str], *, prefix: str = "",
+                context: str = "") -> None:
+        """Refuse fields of ``item`` not in ``allowed`` (listed in the error in that order)."""
+        unknown = set(item) - set(allowed)
+        if unknown:
+            raise self.fail(where, f"unknown field(s) {', '.join(prefix + k for k in sorted(map(str, unknown)))}"
+                                   f"{context}; allowed: {', '.join(allowed)}")
+
+    def _entry(self, item: Any, where: str, what: str, allowed: set[str], context: str = "") -> tuple[str, str]:
+        """``(name, where)`` of a routes-list entry: a mapping with a valid name and only ``allowed`` fields."""
         if not isinstance(item, Mapping):
-            raise self.fail(where, "each route must be a mapping")
+            raise self.fail(where, f"each {what} must be a mapping")
         name = self._name(item, where)
         where = f"route {name!r}"
-        unknown = set(item) - _ROUTE_KEYS
-        if unknown:
-            raise self.fail(where, f"unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
-                                   f"allowed: {', '.join(sorted(_ROUTE_KEYS))}")
+        self._fields(item, where, sorted(allowed), context=context)
+        return name, where
+
+    def route(self, item: Any, where: str) -> Route:
+        name, where = self._entry(item, where, "route", _ROUTE_KEYS)
         endpoint_type = self._endpoint_type(item, where, ("endpoint_type", "route_type"))
         if endpoint_type is None:
             raise self.fail(where, "missing field 'endpoint_type' (or the seed's 'route_type'), e.g. llm/v1/chat")
@@ -483,10 +494,7 @@ class _Parser:
             raise self.fail(where, "missing field 'model' (provider, name, config)")
         if not isinstance(model, Mapping):
             raise self.fail(where, "model must be a mapping with provider, name and config")
-        unknown = set(model) - {"provider", "name", "config"}
-        if unknown:
-            raise self.fail(where, f"unknown field(s) model.{', model.'.join(sorted(map(str, unknown)))}; "
-                                   f"allowed: provider, name, config")
+        self._fields(model, where, ("provider", "name", "config"), prefix="model.")
         for key in ("provider", "name"):
             if not model.get(key):
                 raise self.fail(where, f"missing field 'model.{key}'")
@@ -549,14 +557,7 @@ class _Parser:
             raise self.fail(where, "Bedrock needs aws_access_key_id and aws_secret_access_key together")
 
     def split(self, item: Any, where: str) -> TrafficSplit:
-        if not isinstance(item, Mapping):
-            raise self.fail(where, "each traffic split must be a mapping")
-        name = self._name(item, where)
-        where = f"route {name!r}"
-        unknown = set(item) - _SPLIT_KEYS
-        if unknown:
-            raise self.fail(where, f"unknown field(s) {', '.join(sorted(map(str, unknown)))} in a traffic split; "
-                                   f"allowed: {', '.join(sorted(_SPLIT_KEYS))}")
+        name, where = self._entry(item, where, "traffic split", _SPLIT_KEYS, " in a traffic split")
         if item.get("routing_strategy", "TRAFFIC_SPLIT") != "TRAFFIC_SPLIT":
             raise self.fail(where, "routing_strategy must be TRAFFIC_SPLIT (for fallbacks, use a route's "
                                    "'fallbacks:' field)")
@@ -568,7 +569,7 @@ class _Parser:
             if not isinstance(dest, Mapping) or set(dest) != {"name", "traffic_percentage"}:
                 raise self.fail(where, "each destination must be {name: <route>, traffic_percentage: <0..100>}")
             pct = dest["traffic_percentage"]
-            if isinstance(pct, bool) or not isinstance(pct, int) or not 0 <= pct <= 100:
+            if not is_number(pct, 0, 100, integer=True):
                 raise self.fail(where, f"traffic_percentage of {dest['name']!r} must be an integer 0..100, got {pct!r}")
             pairs.append((str(dest["name"]), pct))
         if sum(p for _, p in pairs) != 100:
@@ -621,10 +622,7 @@ class _Parser:
         for item in items:
             if not isinstance(item, Mapping):
                 raise self.fail(where, "price must be {input_per_1m, output_per_1m, effective} or a list of them")
-            unknown = set(item) - {"input_per_1m", "output_per_1m", "effective"}
-            if unknown:
-                raise self.fail(where, f"unknown field(s) price.{', price.'.join(sorted(map(str, unknown)))}; "
-                                       f"allowed: input_per_1m, output_per_1m, effective")
+            self._fields(item, where, ("input_per_1m", "output_per_1m", "effective"), prefix="price.")
             if "input_per_1m" not in item:
                 raise self.fail(where, "missing field 'price.input_per_1m' (USD per 1M input tokens)")
             if "output_per_1m" not in item and not embeddings:
@@ -648,7 +646,7 @@ class _Parser:
         if not isinstance(value, Mapping) or set(value) - {"calls", "renewal_period", "key"}:
             raise self.fail(where, "limit must be {calls: <int>, renewal_period: second|minute|hour|day|month|year}")
         calls = value.get("calls")
-        if isinstance(calls, bool) or not isinstance(calls, int) or calls <= 0:
+        if not is_number(calls, 1, integer=True):
             raise self.fail(where, f"limit.calls must be a positive integer, got {calls!r}")
         period = value.get("renewal_period")
         if not isinstance(period, str) or period.rstrip("s") not in _PERIODS:
@@ -657,7 +655,7 @@ class _Parser:
         return Limit(calls=calls, renewal_period=period, key=None if key is None else str(key))
 
     def number(self, value: Any, where: str, *, positive: bool = False) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_number(value) or not math.isfinite(value):
             raise GatewayConfigError(f"{self.source}: {where} must be a number, got {value!r}")
         if value < 0 or (positive and value == 0):
             raise GatewayConfigError(f"{self.source}: {where} must be {'positive' if positive else '>= 0'}, "

@@ -121,6 +121,7 @@ from types import MappingProxyType
 from typing import Any
 
 from tidyllm.errors import ConfigurationError, GatewayError
+from tidyllm.gateway._checks import is_number
 
 __all__ = [
     "Simulator",
@@ -161,10 +162,16 @@ def bundled_profiles_path() -> Path:
 
 
 def _number(owner: str, name: str, value: Any, lo: float = 0.0, hi: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+    if not is_number(value, lo, hi):
         bound = f"in [{lo:g}, {hi:g}]" if hi != math.inf else f">= {lo:g}"
         raise ConfigurationError(f"{owner}: field {name!r} must be a number {bound}, got {value!r}")
     return float(value)
+
+
+def _integer(owner: str, name: str, value: Any) -> int:
+    if not is_number(value, 1, integer=True):
+        raise ConfigurationError(f"{owner}: field {name!r} must be an integer >= 1, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -190,9 +197,7 @@ class OutputTokens:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigurationError(f"output_tokens: field {f.name!r} must be an integer >= 1, got {v!r}")
+            _integer("output_tokens", f.name, getattr(self, f.name))
         if self.min > self.max:
             raise ConfigurationError(f"output_tokens: min ({self.min}) is larger than max ({self.max})")
 
@@ -266,10 +271,9 @@ class ModelProfile:
             raise ConfigurationError(f"{owner}: field 'kind' must be 'chat' or 'embedding', got {self.kind!r}")
         for name in ("error_rate", "quality_noise", "stream_failure_rate"):
             _number(owner, name, getattr(self, name), hi=1.0)
-        if self.rpm is not None and (isinstance(self.rpm, bool) or not isinstance(self.rpm, int) or self.rpm < 1):
-            raise ConfigurationError(f"{owner}: field 'rpm' must be an integer >= 1, got {self.rpm!r}")
-        if isinstance(self.embedding_dim, bool) or not isinstance(self.embedding_dim, int) or self.embedding_dim < 1:
-            raise ConfigurationError(f"{owner}: field 'embedding_dim' must be an integer >= 1, got {self.embedding_dim!r}")
+        if self.rpm is not None:
+            _integer(owner, "rpm", self.rpm)
+        _integer(owner, "embedding_dim", self.embedding_dim)
         if not isinstance(self.description, str):
             raise ConfigurationError(f"{owner}: field 'description' must be a string, got {self.description!r}")
         if not isinstance(self.quality, Mapping) or not self.quality:
@@ -329,7 +333,7 @@ def _profile(name: str, spec: Any) -> ModelProfile:
             kw["latency"] = Latency(**kw["latency"])
         if "output_tokens" in kw:
             ot = kw["output_tokens"]
-            ot = {"mean": ot} if isinstance(ot, (int, float)) and not isinstance(ot, bool) else ot
+            ot = {"mean": ot} if is_number(ot) else ot
             if isinstance(ot, Mapping) and set(ot) == {"mean"}:
                 mean = _number("output_tokens", "mean", ot["mean"], lo=1)
                 ot = {"min": max(1, round(mean / 2)), "max": max(1, round(mean * 1.5))}
@@ -341,7 +345,7 @@ def _profile(name: str, spec: Any) -> ModelProfile:
                 if not isinstance(kw[key], list):
                     raise ConfigurationError(f"field {key!r} must be a list of windows, got {kw[key]!r}")
                 kw[key] = tuple(_window(f"field {key!r}", w) for w in kw[key])
-        if "quality" in kw and isinstance(kw["quality"], (int, float)) and not isinstance(kw["quality"], bool):
+        if "quality" in kw and is_number(kw["quality"]):
             kw["quality"] = {"default": kw["quality"]}
         return ModelProfile(name=name, **kw)
     except TypeError as exc:  # an unknown key inside latency/output_tokens

@@ -49,6 +49,13 @@ def _empty(ax: "Axes", text: str) -> None:
             transform=ax.transAxes)
 
 
+def _empty_chart(text: str, height: float = 2.0) -> bytes:
+    """A chart that only says what is missing (for an empty mart)."""
+    fig, axes = _figure(height=height)
+    _empty(axes[0][0], text)
+    return _png(fig)
+
+
 def _palette(names: Iterable[str], cmap: str = "tab10") -> dict[str, Any]:
     from matplotlib import colormaps
 
@@ -94,9 +101,7 @@ def spend(data: "ReportData") -> bytes:
     calls = data.calls[data.calls["cost_usd"].fillna(0) > 0]
     departments = list(calls.groupby("department")["cost_usd"].sum().sort_values(ascending=False).index[:8])
     if not departments:
-        fig, axes = _figure(height=2.4)
-        _empty(axes[0][0], "no spend recorded yet")
-        return _png(fig)
+        return _empty_chart("no spend recorded yet", height=2.4)
     ncols = min(4, len(departments))
     nrows = math.ceil(len(departments) / ncols)
     fig, axes = _figure(nrows, ncols, height=2.6 * nrows)
@@ -132,9 +137,7 @@ def budget_burn(data: "ReportData") -> bytes:
 
     burn = burn_table(data)
     if burn.empty:
-        fig, axes = _figure(height=2.0)
-        _empty(axes[0][0], "no budgets configured")
-        return _png(fig)
+        return _empty_chart("no budgets configured")
     burn = burn.sort_values("used", ascending=True)
     fig, axes = _figure(height=0.45 * len(burn) + 1.2)
     ax = axes[0][0]
@@ -173,9 +176,7 @@ def refusals(data: "ReportData") -> bytes:
     """Refused calls per department by reason, and their cumulative count over time."""
     refused = data.refused
     if refused.empty:
-        fig, axes = _figure(height=2.0)
-        _empty(axes[0][0], "no refusals: every governed call was admitted")
-        return _png(fig)
+        return _empty_chart("no refusals: every governed call was admitted")
     fig, axes = _figure(1, 2, height=3.0)
     left, right = axes[0]
     table = refused.assign(department=refused["department"].fillna("(none)"),
@@ -208,9 +209,7 @@ def route_share(data: "ReportData") -> bytes:
 
     routed = data.routed
     if routed.empty:
-        fig, axes = _figure(height=2.0)
-        _empty(axes[0][0], "no routed calls yet")
-        return _png(fig)
+        return _empty_chart("no routed calls yet")
     context = routed["department"].fillna("(none)") + " / " + routed["use_case"].fillna("(none)")
     top = list(context.value_counts().index[:6])
     ncols = min(3, len(top))
@@ -257,9 +256,7 @@ def routes(data: "ReportData") -> bytes:
 
     routed = data.routed
     if routed.empty:
-        fig, axes = _figure(height=2.0)
-        _empty(axes[0][0], "no routed calls yet")
-        return _png(fig)
+        return _empty_chart("no routed calls yet")
     ok = routed[routed["status"] != "failure"]
     by = routed.groupby("route")
     stats = by["latency_ms"].quantile(0.5).to_frame("p50").join(by["latency_ms"].quantile(0.95).rename("p95"))
@@ -293,9 +290,7 @@ def learning(data: "ReportData") -> bytes:
     """Reward of the router's decisions in order (rolling and cumulative mean), and how often it explored."""
     decisions = data.decisions[data.decisions["reward"].notna()].reset_index(drop=True)
     if decisions.empty:
-        fig, axes = _figure(height=2.0)
-        _empty(axes[0][0], "no rewarded routing decisions yet (routing.strategy: bandit logs them)")
-        return _png(fig)
+        return _empty_chart("no rewarded routing decisions yet (routing.strategy: bandit logs them)")
     n = len(decisions)
     window = max(10, n // 20)
     fig, axes = _figure(1, 2, height=3.0, width_ratios=[3, 1])
@@ -328,9 +323,7 @@ def audit(data: "ReportData") -> bytes:
     """Audit rows written over time, by governance decision (allowed, refused, unenforced)."""
     rows = data.audit_rows
     if rows.empty:
-        fig, axes = _figure(height=2.0)
-        _empty(axes[0][0], "the audit trail is empty")
-        return _png(fig)
+        return _empty_chart("the audit trail is empty")
     fig, axes = _figure(height=2.8)
     ax = axes[0][0]
     colors = {"allowed": "#2ca02c", "refused": "#d62728", "unenforced": "#ff7f0e"}
@@ -353,9 +346,7 @@ def executions(data: "ReportData") -> bytes:
     """Tracked executions (``mart.track_execution``) per module, by status, with their median duration."""
     ex = data.executions
     if ex.empty:
-        fig, axes = _figure(height=2.0)
-        _empty(axes[0][0], "no tracked executions yet (mart.track_execution records them)")
-        return _png(fig)
+        return _empty_chart("no tracked executions yet (mart.track_execution records them)")
     table = ex.groupby(["module", "status"]).size().unstack(fill_value=0)
     table = table.loc[table.sum(axis=1).sort_values().index]
     durations = ex.groupby("module")["duration_ms"].median()
