@@ -94,6 +94,7 @@ class PriceBook:
         price_out = _number(output_per_1m, f"price of {model}: output_per_1m")
         start = parse_effective(effective, what=f"price of {model}: effective")
         with self._mart.store.begin(write=True) as conn:
+            self._mart.store.lock_for_update(conn)  # concurrent first registrations: one inserts, the rest find it
             row = conn.execute(sa.select(prices).where(prices.c.model == model,
                                                        prices.c.effective_from == start)).mappings().first()
             if row is not None and (row["input_per_1m"], row["output_per_1m"]) == (price_in, price_out):

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from tidyllm.errors import ConfigurationError
+from tidyllm.mart.fastsql import Tx
 from tidyllm.mart.schema import audit_head, audit_log
 from tidyllm.redact import redact
 
@@ -99,27 +100,24 @@ class AuditTrail:
         out["tools"] = names or None
         return out
 
-    def append(self, conn: Connection, row: Mapping[str, Any]) -> dict[str, Any]:
-        """Append one row in the caller's write transaction; returns it with seq and digest."""
+    def append(self, conn: Any, row: Mapping[str, Any]) -> dict[str, Any]:
+        """Append one row in the caller's write transaction (a :class:`~tidyllm.mart.fastsql.Tx` or a
+        SQLAlchemy connection); returns it with seq and digest."""
+        tx = Tx.of(conn, self._store)
         data = {k: row.get(k) for k in _CHAINED if k not in ("prev_digest",)}
         data["id"] = data.get("id") or str(uuid.uuid4())
         data["error"] = redact(data.get("error"))
-        data["audit_reason"] = data.get("audit_reason")
-        head = conn.execute(sa.select(audit_head).where(audit_head.c.id == 1).with_for_update()).mappings().first()
+        head = tx.one("audit_head.lock", _q_lock_head)
         if head is None:
-            if self._store.dialect == "postgresql":
-                from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-                conn.execute(pg_insert(audit_head).values(id=1, seq=0, digest=GENESIS, rows=0).on_conflict_do_nothing())
-            else:
-                conn.execute(audit_head.insert().values(id=1, seq=0, digest=GENESIS, rows=0))
-            head = conn.execute(sa.select(audit_head).where(audit_head.c.id == 1).with_for_update()).mappings().first()
-        prev = head["digest"]
+            tx.run("audit_head.create", lambda: _q_create_head(self._store.dialect))
+            head = tx.one("audit_head.lock", _q_lock_head)
+        prev = head[0]
         digest = content_digest(prev, data)
-        result = conn.execute(audit_log.insert().values(prev_digest=prev, digest=digest, **data))
-        seq = result.inserted_primary_key[0]
-        conn.execute(audit_head.update().where(audit_head.c.id == 1).values(
-            seq=seq, digest=digest, rows=audit_head.c.rows + 1))
+        if tx.dialect == "postgresql":
+            seq = tx.one("audit_log.insert", _q_insert_returning, prev_digest=prev, digest=digest, **data)[0]
+        else:
+            seq = tx.run("audit_log.insert", _q_insert, prev_digest=prev, digest=digest, **data).lastrowid
+        tx.run("audit_head.advance", _q_advance_head, new_seq=seq, new_digest=digest)
         return {**data, "seq": seq, "prev_digest": prev, "digest": digest}
 
     def _rows(self, conn: Connection) -> Iterator[Mapping[str, Any]]:
@@ -200,3 +198,35 @@ def _tool_names(tools: Any) -> list[str]:
             if isinstance(name, str):
                 names.append(name)
     return names
+
+
+# --- prepared statements (see tidyllm.mart.fastsql) ---------------------------------------------
+
+_INSERTED = [c.name for c in audit_log.columns if c.name != "seq"]
+
+
+def _q_lock_head() -> Any:
+    return sa.select(audit_head.c.digest).where(audit_head.c.id == 1).with_for_update()
+
+
+def _q_create_head(dialect: str) -> Any:
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(audit_head).values(id=1, seq=0, digest=GENESIS, rows=0).on_conflict_do_nothing()
+
+
+def _q_insert() -> Any:
+    return audit_log.insert(), _INSERTED
+
+
+def _q_insert_returning() -> Any:
+    return audit_log.insert().returning(audit_log.c.seq), _INSERTED
+
+
+def _q_advance_head() -> Any:
+    h = audit_head.c
+    return audit_head.update().where(h.id == 1).values(
+        seq=sa.bindparam("new_seq", type_=h.seq.type), digest=sa.bindparam("new_digest", type_=h.digest.type),
+        rows=h.rows + 1)

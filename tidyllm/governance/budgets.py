@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
@@ -24,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from tidyllm.errors import ConfigurationError
+from tidyllm.mart.fastsql import Tx, json_value
 from tidyllm.mart.schema import budget_events, budget_windows, budgets, reservations
 from tidyllm.mart.store import utcnow
 
@@ -128,6 +130,10 @@ class BudgetLedger:
         # (expires_at, rows): budgets change rarely, and selection outside the reserve transaction
         # may be a second stale — the reservation itself always re-reads them under its lock
         self._budgets_cache: tuple[float, list[dict[str, Any]]] | None = None
+        #: monotonic time after which the next admission looks for expired leases
+        self._next_expiry = 0.0
+        #: budget id -> (headroom the last reservation in this process left, monotonic time seen)
+        self._seen: dict[str, tuple[float, float]] = {}
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -158,6 +164,7 @@ class BudgetLedger:
                 raise ConfigurationError(f"soft_threshold must be in (0, 1], got {soft_threshold!r}")
         now = utcnow()
         with self._store.begin(write=True) as conn:
+            self._store.lock_for_update(conn)  # concurrent creations of one budget: one inserts, the rest update
             row = conn.execute(sa.select(budgets.c.id).where(
                 budgets.c.scope == scope, budgets.c.name == name, budgets.c.period == period)).first()
             if row is None:
@@ -170,6 +177,7 @@ class BudgetLedger:
                 conn.execute(budgets.update().where(budgets.c.id == budget_id).values(
                     limit_usd=limit, soft_threshold=threshold, updated_at=now))
         self._budgets_cache = None
+        self._seen.clear()
         return {"id": budget_id, "scope": scope, "name": name, "period": period, "limit_usd": limit,
                 "soft_threshold": threshold}
 
@@ -179,6 +187,7 @@ class BudgetLedger:
             result = conn.execute(budgets.delete().where(budgets.c.scope == scope, budgets.c.name == name,
                                                          budgets.c.period == period))
         self._budgets_cache = None
+        self._seen.clear()
         return result.rowcount > 0
 
     def _all(self, conn: Connection | None = None) -> list[dict[str, Any]]:
@@ -210,60 +219,88 @@ class BudgetLedger:
         return [b for b in rows if (b["scope"], None if b["scope"] == "org" else b["name"]) in keys]
 
     # --- enforcement --------------------------------------------------------------------------
+    # The enforcement methods run inside the caller's write transaction (a :class:`Tx`, or a
+    # SQLAlchemy connection, which is wrapped) and use prepared statements: they are on the path
+    # of every governed call (see tidyllm.mart.fastsql).
 
-    def expire_leases(self, conn: Connection, now: dt.datetime) -> int:
+    def applicable_in(self, tx: Any, ctx: "CallContext", route: str | None,
+                      model: str | None) -> list[dict[str, Any]]:
+        """The budgets enclosing a call, read in transaction ``tx``, in budget-id order."""
+        tx = Tx.of(tx, self._store)
+        rows = tx.all("budgets.applicable", _q_applicable, department=ctx.department, user=ctx.user_id,
+                      route=route, model=model)
+        return [dict(zip(_BUDGET_COLS, r)) for r in rows]
+
+    def expire_leases(self, tx: Any, now: dt.datetime) -> int:
         """Return the amounts of expired leases to their budgets. Runs inside a write transaction."""
-        stale = conn.execute(sa.select(reservations.c.id, reservations.c.amount_usd, reservations.c.windows,
-                                       reservations.c.call_id)
-                             .where(reservations.c.status == "open", reservations.c.expires_at < now)
-                             .with_for_update(skip_locked=True)).all()
+        tx = Tx.of(tx, self._store)
+        stale = tx.all("reservations.stale", _q_stale, now=now)
         for res_id, amount, windows, call_id in stale:
-            self._add(conn, windows, reserved=-amount)
-            conn.execute(reservations.update().where(reservations.c.id == res_id).values(
-                status="expired", closed_at=now))
-            conn.execute(budget_events.insert().values(
-                id=str(uuid.uuid4()), at=now, budget_id=None, kind="expired_lease",
-                data={"reservation_id": res_id, "call_id": call_id, "amount_usd": amount}))
+            self._add(tx, json_value(windows), reserved=-amount)
+            tx.run("reservations.close", _q_close_reservation, rid=res_id, new_status="expired", settled=None,
+                   closed=now)
+            self._event(tx, now, None, "expired_lease",
+                        {"reservation_id": res_id, "call_id": call_id, "amount_usd": amount})
             log.warning("reservation %s for call %s expired; $%.6f returned to its budgets", res_id, call_id, amount)
+        self._next_expiry = time.monotonic() + self.expiry_interval
         return len(stale)
 
-    def _window_rows(self, conn: Connection, applicable: list[dict[str, Any]],
+    def maybe_expire_leases(self, tx: Any, now: dt.datetime) -> int:
+        """:meth:`expire_leases`, at most once per ``expiry_interval`` seconds in this process."""
+        if time.monotonic() < self._next_expiry:
+            return 0
+        return self.expire_leases(tx, now)
+
+    @property
+    def expiry_interval(self) -> float:
+        """How often admissions look for expired leases: a tenth of the TTL, between 0.2 and 30 s
+        (a reservation that would be refused looks every time, before refusing)."""
+        return min(max(self.lease_ttl / 10.0, 0.2), 30.0)
+
+    def _event(self, tx: Tx, now: dt.datetime, budget_id: str | None, kind: str, data: dict[str, Any]) -> None:
+        tx.run("budget_events.insert", _q_insert_event, id=str(uuid.uuid4()), at=now, budget_id=budget_id,
+               kind=kind, data=data)
+
+    def _window_rows(self, tx: Any, applicable: list[dict[str, Any]],
                      now: dt.datetime) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """Lock (creating as needed) the current window row of each budget, in budget-id order."""
+        tx = Tx.of(tx, self._store)
         out = []
         for budget in sorted(applicable, key=lambda b: b["id"]):
             start, _ = window_bounds(budget["period"], now, self.tz)
-            key = (budget_windows.c.budget_id == budget["id"]) & (budget_windows.c.window_start == start)
-            row = conn.execute(sa.select(budget_windows).where(key).with_for_update()).mappings().first()
+            row = tx.one("budget_windows.lock", _q_lock_window, budget_id=budget["id"], start=start)
             if row is None:
-                if self._store.dialect == "postgresql":
-                    from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-                    conn.execute(pg_insert(budget_windows).values(
-                        budget_id=budget["id"], window_start=start, spent_usd=0.0, reserved_usd=0.0, warned=False
-                    ).on_conflict_do_nothing())
-                else:
-                    conn.execute(budget_windows.insert().values(
-                        budget_id=budget["id"], window_start=start, spent_usd=0.0, reserved_usd=0.0, warned=False))
-                row = conn.execute(sa.select(budget_windows).where(key).with_for_update()).mappings().first()
-            out.append((budget, dict(row)))
+                tx.run("budget_windows.create", lambda: _q_create_window(self._store.dialect),
+                       budget_id=budget["id"], start=start)
+                row = tx.one("budget_windows.lock", _q_lock_window, budget_id=budget["id"], start=start)
+            out.append((budget, {"window_start": start, "spent_usd": row[0], "reserved_usd": row[1],
+                                 "warned": bool(row[2])}))
         return out
 
-    def reserve(self, conn: Connection, *, call_id: str, ctx: "CallContext", route: str | None,
+    def reserve(self, tx: Any, *, call_id: str, ctx: "CallContext", route: str | None,
                 model: str | None, prompt_cost_usd: float, output_cost_per_token: float, max_tokens: int,
-                now: dt.datetime) -> Reservation | Refusal | None:
-        """Reserve the worst case in the caller's write transaction ``conn``.
+                now: dt.datetime, applicable: list[dict[str, Any]] | None = None) -> Reservation | Refusal | None:
+        """Reserve the worst case in the caller's write transaction ``tx``.
 
         Returns a :class:`Reservation`, a :class:`Refusal` naming the tightest budget, or None when
         no budget applies. ``max_tokens`` is clamped to the headroom when only a smaller answer fits.
+        Expired leases are returned first when the call would otherwise not fit.
         """
-        applicable = self.applicable(self._all(conn), ctx, route, model)
+        tx = Tx.of(tx, self._store)
+        if applicable is None:
+            applicable = self.applicable_in(tx, ctx, route, model)
         if not applicable:
             return None
-        windows = self._window_rows(conn, applicable, now)
+        windows = self._window_rows(tx, applicable, now)
+        worst = prompt_cost_usd + max_tokens * output_cost_per_token
+        if min(b["limit_usd"] - w["spent_usd"] - w["reserved_usd"] for b, w in windows) < worst + 1e-12 \
+                and self.expire_leases(tx, now):
+            windows = self._window_rows(tx, applicable, now)
         headrooms = [(b["limit_usd"] - w["spent_usd"] - w["reserved_usd"], b, w) for b, w in windows]
         headroom, tight_b, tight_w = min(headrooms, key=lambda h: h[0])
-        worst = prompt_cost_usd + max_tokens * output_cost_per_token
+        seen_at = time.monotonic()
+        for left, b, _ in headrooms:
+            self._seen[b["id"]] = (left, seen_at)
         tokens, clamped = max_tokens, False
         # a hair of tolerance so float rounding never refuses a call that exactly fits
         if worst > headroom + 1e-12:
@@ -274,87 +311,92 @@ class BudgetLedger:
             else:
                 return Refusal(tight_b["id"], tight_b["scope"], tight_b["name"], tight_b["period"],
                                tight_b["limit_usd"], tight_w["spent_usd"], tight_w["reserved_usd"], worst)
-        keys = tuple((b["id"], w["window_start"].isoformat() if isinstance(w["window_start"], dt.datetime)
-                      else str(w["window_start"])) for b, w in windows)
+        keys = tuple((b["id"], w["window_start"].isoformat()) for b, w in windows)
         res_id = str(uuid.uuid4())
         for budget, window in windows:
-            conn.execute(budget_windows.update().where(
-                (budget_windows.c.budget_id == budget["id"]) & (budget_windows.c.window_start == window["window_start"])
-            ).values(reserved_usd=budget_windows.c.reserved_usd + worst))
-            self._soft_warning(conn, budget, window, worst, call_id, now)
-        conn.execute(reservations.insert().values(
-            id=res_id, call_id=call_id, amount_usd=worst, windows=[list(k) for k in keys], created_at=now,
-            expires_at=now + dt.timedelta(seconds=self.lease_ttl), status="open"))
+            tx.run("budget_windows.add", _q_add, budget_id=budget["id"], start=window["window_start"], spent=0.0,
+                   reserved=worst)
+            self._soft_warning(tx, budget, window, worst, call_id, now)
+        for left, b, _ in headrooms:
+            self._seen[b["id"]] = (left - worst, seen_at)
+        tx.run("reservations.insert", _q_insert_reservation, id=res_id, call_id=call_id, amount_usd=worst,
+               windows=[list(k) for k in keys], created_at=now,
+               expires_at=now + dt.timedelta(seconds=self.lease_ttl), status="open")
         return Reservation(res_id, worst, tokens, clamped, keys)
 
-    def _soft_warning(self, conn: Connection, budget: dict[str, Any], window: dict[str, Any], adding: float,
+    def _soft_warning(self, tx: Tx, budget: dict[str, Any], window: dict[str, Any], adding: float,
                       call_id: str, now: dt.datetime) -> None:
         threshold = budget["soft_threshold"] or self.soft_threshold
         if window["warned"] or not budget["limit_usd"]:
             return
         used = window["spent_usd"] + window["reserved_usd"] + adding
         if used / budget["limit_usd"] >= threshold:
-            conn.execute(budget_windows.update().where(
-                (budget_windows.c.budget_id == budget["id"]) & (budget_windows.c.window_start == window["window_start"])
-            ).values(warned=True))
-            conn.execute(budget_events.insert().values(
-                id=str(uuid.uuid4()), at=now, budget_id=budget["id"], kind="soft_threshold",
-                data={"scope": budget["scope"], "name": budget["name"], "period": budget["period"],
-                      "limit_usd": budget["limit_usd"], "used_usd": used, "threshold": threshold, "call_id": call_id}))
+            tx.run("budget_windows.warned", _q_warned, budget_id=budget["id"], start=window["window_start"])
+            self._event(tx, now, budget["id"], "soft_threshold",
+                        {"scope": budget["scope"], "name": budget["name"], "period": budget["period"],
+                         "limit_usd": budget["limit_usd"], "used_usd": used, "threshold": threshold,
+                         "call_id": call_id})
             log.warning("%s %r passed %.0f%% of its %s %s budget", budget["scope"], budget["name"],
                         threshold * 100, usd(budget["limit_usd"]), budget["period"])
 
-    def _add(self, conn: Connection, windows: Any, *, spent: float = 0.0, reserved: float = 0.0) -> None:
+    def _add(self, tx: Tx, windows: Any, *, spent: float = 0.0, reserved: float = 0.0) -> None:
         for budget_id, start in windows:
             start_dt = _aware(dt.datetime.fromisoformat(start)) if isinstance(start, str) else start
-            conn.execute(budget_windows.update().where(
-                (budget_windows.c.budget_id == budget_id) & (budget_windows.c.window_start == start_dt)
-            ).values(spent_usd=budget_windows.c.spent_usd + spent,
-                     reserved_usd=budget_windows.c.reserved_usd + reserved))
+            tx.run("budget_windows.add", _q_add, budget_id=budget_id, start=start_dt, spent=spent, reserved=reserved)
 
-    def settle(self, conn: Connection, reservation_id: str, actual_usd: float, now: dt.datetime) -> None:
+    def settle(self, tx: Any, reservation_id: str, actual_usd: float, now: dt.datetime, *,
+               status: str = "settled") -> None:
         """Charge ``actual_usd`` and return the reservation (a settled lease cannot be settled twice)."""
-        row = conn.execute(sa.select(reservations).where(reservations.c.id == reservation_id)
-                           .with_for_update()).mappings().first()
-        if row is None or row["status"] in ("settled", "released"):
+        tx = Tx.of(tx, self._store)
+        row = tx.one("reservations.lock", _q_lock_reservation, rid=reservation_id)
+        if row is None or row[2] in ("settled", "released"):
             return
-        if actual_usd > row["amount_usd"] + 1e-12:
+        amount, windows, state, call_id = row
+        if actual_usd > amount + 1e-12:
             log.warning("call %s cost $%.6f, more than the $%.6f reserved for its worst case",
-                        row["call_id"], actual_usd, row["amount_usd"])
+                        call_id, actual_usd, amount)
         # an expired lease already gave its amount back: only the spend is added
-        give_back = -row["amount_usd"] if row["status"] == "open" else 0.0
-        self._add(conn, row["windows"], spent=actual_usd, reserved=give_back)
-        conn.execute(reservations.update().where(reservations.c.id == reservation_id).values(
-            status="settled", settled_usd=actual_usd, closed_at=now))
+        give_back = -amount if state == "open" else 0.0
+        self._add(tx, json_value(windows), spent=actual_usd, reserved=give_back)
+        tx.run("reservations.close", _q_close_reservation, rid=reservation_id, new_status=status,
+               settled=actual_usd, closed=now)
 
-    def release(self, conn: Connection, reservation_id: str, now: dt.datetime) -> None:
+    def release(self, tx: Any, reservation_id: str, now: dt.datetime) -> None:
         """Return an unused reservation (the call failed before costing anything)."""
-        self.settle(conn, reservation_id, 0.0, now)
-        conn.execute(reservations.update().where(reservations.c.id == reservation_id).values(status="released"))
+        self.settle(tx, reservation_id, 0.0, now, status="released")
 
-    def charge(self, conn: Connection, ctx: "CallContext", route: str | None, model: str | None,
+    def charge(self, tx: Any, ctx: "CallContext", route: str | None, model: str | None,
                amount_usd: float, now: dt.datetime) -> None:
         """Count spend that was not reserved (a plain sync call that bypassed enforcement)."""
-        applicable = self.applicable(self._all(conn), ctx, route, model)
-        for budget, window in self._window_rows(conn, applicable, now):
-            conn.execute(budget_windows.update().where(
-                (budget_windows.c.budget_id == budget["id"]) & (budget_windows.c.window_start == window["window_start"])
-            ).values(spent_usd=budget_windows.c.spent_usd + amount_usd))
+        tx = Tx.of(tx, self._store)
+        for budget, window in self._window_rows(tx, self.applicable_in(tx, ctx, route, model), now):
+            tx.run("budget_windows.add", _q_add, budget_id=budget["id"], start=window["window_start"],
+                   spent=amount_usd, reserved=0.0)
 
-    def headroom(self, ctx: "CallContext", route: str | None = None, model: str | None = None) -> float | None:
-        """USD left in the tightest applicable budget now, or None when no budget applies."""
+    def headroom(self, ctx: "CallContext", route: str | None = None, model: str | None = None, *,
+                 max_age: float = 0.0) -> float | None:
+        """USD left in the tightest applicable budget, or None when no budget applies.
+
+        With ``max_age`` > 0 the answer may come from what this process's last reservations saw
+        (no database read) when every applicable budget was seen within ``max_age`` seconds —
+        the routing pre-filter uses that; reservations always read under their lock."""
+        if max_age > 0:
+            applicable = self.applicable(self._all(), ctx, route, model)
+            if not applicable:
+                return None
+            horizon = time.monotonic() - max_age
+            seen = [self._seen.get(b["id"]) for b in applicable]
+            if all(s is not None and s[1] >= horizon for s in seen):
+                return min(s[0] for s in seen if s is not None)
         now = utcnow()
-        applicable = self.applicable(self._all(), ctx, route, model)
-        if not applicable:
+        starts = {p: window_bounds(p, now, self.tz)[0] for p in PERIODS}
+        with self._store.tx(write=False) as tx:
+            rows = tx.all("budgets.headroom", _q_headroom, department=ctx.department, user=ctx.user_id,
+                          route=route, model=model, day=starts["day"], week=starts["week"],
+                          month=starts["month"], total=starts["total"])
+        if not rows:
             return None
-        with self._store.begin() as conn:
-            left = []
-            for b in applicable:
-                start, _ = window_bounds(b["period"], now, self.tz)
-                w = conn.execute(sa.select(budget_windows.c.spent_usd, budget_windows.c.reserved_usd).where(
-                    (budget_windows.c.budget_id == b["id"]) & (budget_windows.c.window_start == start))).first()
-                left.append(b["limit_usd"] - (w[0] + w[1] if w else 0.0))
-        return min(left)
+        return min(limit - (spent or 0.0) - (reserved or 0.0) for limit, spent, reserved in rows)
 
     def tightest(self, ctx: "CallContext", route: str | None = None, model: str | None = None) -> dict[str, Any] | None:
         """The applicable budget with the least left, as a status row, or None."""
@@ -405,5 +447,87 @@ class BudgetLedger:
 
     def reconcile(self) -> int:
         """Expire every lease past its TTL (run at start-up); returns how many."""
-        with self._store.begin(write=True) as conn:
-            return self.expire_leases(conn, utcnow())
+        with self._store.tx() as tx:
+            return self.expire_leases(tx, utcnow())
+
+
+# --- prepared statements (compiled once per database; see tidyllm.mart.fastsql) -------------------
+
+_BUDGET_COLS = ("id", "scope", "name", "period", "limit_usd", "soft_threshold")
+
+
+def _applicable_where() -> Any:
+    b = budgets.c
+    return sa.or_(b.scope == "org",
+                  sa.and_(b.scope == "department", b.name == sa.bindparam("department")),
+                  sa.and_(b.scope == "user", b.name == sa.bindparam("user")),
+                  sa.and_(b.scope == "route", b.name == sa.bindparam("route")),
+                  sa.and_(b.scope == "model", b.name == sa.bindparam("model")))
+
+
+def _q_applicable() -> Any:
+    return sa.select(*(budgets.c[c] for c in _BUDGET_COLS)).where(_applicable_where()).order_by(budgets.c.id)
+
+
+def _q_headroom() -> Any:
+    b, w = budgets.c, budget_windows.c
+    start = sa.case(*((b.period == p, sa.bindparam(p, type_=budget_windows.c.window_start.type)) for p in PERIODS))
+    joined = budgets.outerjoin(budget_windows, sa.and_(w.budget_id == b.id, w.window_start == start))
+    return sa.select(b.limit_usd, w.spent_usd, w.reserved_usd).select_from(joined).where(_applicable_where())
+
+
+def _window_key() -> Any:
+    w = budget_windows.c
+    return sa.and_(w.budget_id == sa.bindparam("budget_id"), w.window_start == sa.bindparam("start"))
+
+
+def _q_lock_window() -> Any:
+    w = budget_windows.c
+    return sa.select(w.spent_usd, w.reserved_usd, w.warned).where(_window_key()).with_for_update()
+
+
+def _q_create_window(dialect: str) -> Any:
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(budget_windows).values(
+        budget_id=sa.bindparam("budget_id"), window_start=sa.bindparam("start"), spent_usd=0.0, reserved_usd=0.0,
+        warned=False).on_conflict_do_nothing()
+
+
+def _q_add() -> Any:
+    w = budget_windows.c
+    return budget_windows.update().where(_window_key()).values(
+        spent_usd=w.spent_usd + sa.bindparam("spent", type_=sa.Float),
+        reserved_usd=w.reserved_usd + sa.bindparam("reserved", type_=sa.Float))
+
+
+def _q_warned() -> Any:
+    return budget_windows.update().where(_window_key()).values(warned=True)
+
+
+def _q_insert_reservation() -> Any:
+    return reservations.insert(), [c.name for c in reservations.c]
+
+
+def _q_insert_event() -> Any:
+    return budget_events.insert(), [c.name for c in budget_events.c]
+
+
+def _q_stale() -> Any:
+    r = reservations.c
+    return (sa.select(r.id, r.amount_usd, r.windows, r.call_id)
+            .where(r.status == "open", r.expires_at < sa.bindparam("now")).with_for_update(skip_locked=True))
+
+
+def _q_lock_reservation() -> Any:
+    r = reservations.c
+    return sa.select(r.amount_usd, r.windows, r.status, r.call_id).where(r.id == sa.bindparam("rid")).with_for_update()
+
+
+def _q_close_reservation() -> Any:
+    r = reservations.c
+    return reservations.update().where(r.id == sa.bindparam("rid")).values(
+        status=sa.bindparam("new_status", type_=sa.String), settled_usd=sa.bindparam("settled", type_=sa.Float),
+        closed_at=sa.bindparam("closed", type_=r.closed_at.type))

@@ -15,7 +15,7 @@ import logging
 import math
 import threading
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from tidyllm.errors import GovernanceError, MetadataError, UnpricedModelError
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from tidyllm.governance.budgets import BudgetLedger
     from tidyllm.governance.policy import AuthorizationPolicy
     from tidyllm.governance.streams import StreamTally
+    from tidyllm.mart.fastsql import Tx
     from tidyllm.governance.ratelimit import RateLimiter
     from tidyllm.mart import TidyMart
     from tidyllm.pricing import Price, PriceBook
@@ -66,7 +67,7 @@ class Admission:
 
     def stamp(self) -> dict[str, Any]:
         """The dict stamped into ``metadata["tidyllm"]`` (plain JSON-able values)."""
-        return asdict(self)
+        return {**self.__dict__, "context": dict(self.context), "extra": dict(self.extra)}
 
 
 def count_tokens(model: str, messages: Any = None, text: Any = None, tools: Any = None) -> int:
@@ -89,13 +90,44 @@ def estimate_prompt_tokens(model: str, messages: Any = None, text: Any = None, t
     """An upper estimate of the input tokens a provider will count for a request.
 
     tidyllm cannot know every provider's tokenizer, and the reservation must be a true worst case:
-    it takes the larger of LiteLLM's tokenizer count and one token per two characters (tokenizers
-    split long words, numbers and punctuation finely), adds 15 % and 16 tokens of framing. Reserving
-    more than is spent only holds headroom until the call settles; reserving less could overspend."""
+    it takes the larger of a token count of the request's JSON (its content plus the JSON syntax
+    around it, which is more than the few tokens of framing a chat format adds per message) and one
+    token per two characters (tokenizers split long words, numbers and punctuation finely), adds
+    15 % and 16 tokens of framing. Reserving more than is spent only holds headroom until the call
+    settles; reserving less could overspend."""
     blob = json.dumps(messages if messages is not None else text, default=str) + (
         json.dumps(tools, default=str) if tools else "")
-    n = count_tokens(model, messages=messages, text=text, tools=tools)
+    encode = _ordinary_encoder(model)
+    if encode is not None:
+        n = len(encode(blob))
+    else:
+        n = count_tokens(model, messages=messages, text=text, tools=tools)
     return int(math.ceil(max(n, len(blob) / 2.0) * 1.15)) + 16
+
+
+_ENCODERS: dict[str, Any] = {}
+
+
+def _ordinary_encoder(model: str) -> Callable[[str], list[int]] | None:
+    """The ``encode_ordinary`` of the tiktoken encoding LiteLLM uses for ``model``, or None when LiteLLM
+    picks another kind of tokenizer (a HuggingFace one) for it. Cached per model."""
+    if model not in _ENCODERS:
+        encode = None
+        try:
+            from tidyllm._litellm import import_litellm
+
+            import_litellm()
+            from litellm.utils import select_tokenizer
+
+            chosen = select_tokenizer(model)
+            if chosen.get("type") == "openai_tokenizer":
+                encode = getattr(chosen.get("tokenizer"), "encode_ordinary", None)
+        except Exception:  # noqa: BLE001 - unknown models fall back to LiteLLM's token_counter
+            encode = None
+        if len(_ENCODERS) > 4096:
+            _ENCODERS.clear()
+        _ENCODERS[model] = encode
+    return _ENCODERS[model]
 
 
 class Governor:
@@ -192,17 +224,19 @@ class Governor:
             out_tokens = max(out_tokens, MOCK_COMPLETION_TOKENS)
         from tidyllm.governance.budgets import Refusal
 
+        if price is not None and price.id is None:
+            # a LiteLLM price used for the first time becomes a stored price version
+            price = self._store_litellm_price(price)
         refusal: tuple[GovernanceError, str | None] | None = None
-        with self.mart.store.begin(write=True) as conn:
-            self.budgets.expire_leases(conn, now)
-            limited = self.limiter.check_and_record(conn, ctx, route, prompt_tokens + out_tokens, now)
+        with self.mart.store.tx() as tx:
+            self.budgets.maybe_expire_leases(tx, now)
+            limited = self.limiter.check_and_record(tx, ctx, route, prompt_tokens + out_tokens, now)
             reservation = None
             if limited is not None:
                 refusal = (RateLimitedError(limited[0], retry_after=limited[1]), None)
             elif price is None:
-                applicable = self.budgets.applicable(self.budgets._all(conn), ctx, route, requested_model)
                 policy = self.settings.unpriced_by_department.get(ctx.department or "", self.settings.unpriced)
-                if applicable and policy == "refuse":
+                if policy == "refuse" and self.budgets.applicable_in(tx, ctx, route, requested_model):
                     refusal = (UnpricedModelError(
                         f"{route!r} has no price and {ctx.department or 'this call'} is under a budget; add "
                         f"one (prices: in tidyllm.yaml or platform.prices.set({route!r}, input_per_1m, "
@@ -210,7 +244,7 @@ class Governor:
             else:
                 per_token_out = price.output_per_1m / 1e6
                 reservation = self.budgets.reserve(
-                    conn, call_id=call_id, ctx=ctx, route=route, model=requested_model,
+                    tx, call_id=call_id, ctx=ctx, route=route, model=requested_model,
                     prompt_cost_usd=prompt_tokens * price.input_per_1m / 1e6,
                     output_cost_per_token=per_token_out, max_tokens=max(out_tokens, 1 if not is_embedding else 0),
                     now=now)
@@ -222,7 +256,7 @@ class Governor:
                     refusal = (err, reservation.budget_id)
             if refusal is not None:
                 # the refusal's records commit with this transaction; the error is raised after it
-                self._write_refusal(conn, error=refusal[0], budget_id=refusal[1], **base)
+                self._write_refusal(tx, error=refusal[0], budget_id=refusal[1], **base)
             else:
                 admission = Admission(
                     call_id=call_id, route=route, requested_model=requested_model, call_type=call_type,
@@ -235,14 +269,11 @@ class Governor:
                     input_per_1m=price.input_per_1m if price else None,
                     output_per_1m=price.output_per_1m if price else None,
                     extra=dict(extra or {}))
-                if price is not None and price.id is None:
-                    # a LiteLLM price used for the first time becomes a stored price version
-                    admission = self._store_litellm_price(conn, price, admission)
-                conn.execute(llm_calls.insert().values(
-                    id=call_id, started_at=now, call_type=call_type, user_id=ctx.user_id,
-                    department=ctx.department, use_case=ctx.use_case, data_sensitivity=ctx.data_sensitivity,
-                    requested_model=requested_model, route=route, status="pending", stream=bool(stream),
-                    reserved_usd=admission.reserved_usd, price_id=admission.price_id))
+                tx.run("llm_calls.insert", _q_insert_call,
+                       id=call_id, started_at=now, call_type=call_type, user_id=ctx.user_id,
+                       department=ctx.department, use_case=ctx.use_case, data_sensitivity=ctx.data_sensitivity,
+                       requested_model=requested_model, route=route, status="pending", stream=bool(stream),
+                       reserved_usd=admission.reserved_usd, price_id=admission.price_id)
         if refusal is not None:
             raise refusal[0]
         if admission.clamped:
@@ -250,49 +281,49 @@ class Governor:
         self.listeners_done[call_id] = threading.Event()
         return admission
 
-    def _store_litellm_price(self, conn: Any, price: "Price", admission: Admission) -> Admission:
+    def _store_litellm_price(self, price: "Price") -> "Price":
+        """Store a LiteLLM price as a price version (once) and return it with its id."""
         import sqlalchemy as sa
 
         from tidyllm.mart.schema import prices
 
-        row = conn.execute(sa.select(prices.c.id).where(prices.c.model == price.model,
-                                                        prices.c.effective_from == price.effective_from)).first()
-        price_id = row[0] if row else str(uuid.uuid4())
-        if row is None:
-            conn.execute(prices.insert().values(id=price_id, model=price.model, input_per_1m=price.input_per_1m,
-                                                output_per_1m=price.output_per_1m,
-                                                effective_from=price.effective_from, source="litellm",
-                                                created_at=utcnow()))
+        with self.mart.store.begin(write=True) as conn:
+            self.mart.store.lock_for_update(conn)
+            row = conn.execute(sa.select(prices.c.id).where(prices.c.model == price.model,
+                                                            prices.c.effective_from == price.effective_from)).first()
+            price_id = row[0] if row else str(uuid.uuid4())
+            if row is None:
+                conn.execute(prices.insert().values(id=price_id, model=price.model, input_per_1m=price.input_per_1m,
+                                                    output_per_1m=price.output_per_1m,
+                                                    effective_from=price.effective_from, source="litellm",
+                                                    created_at=utcnow()))
         self.prices.refresh()
-        return Admission(**{**asdict(admission), "price_id": price_id})
+        return replace(price, id=price_id)
 
     def _refuse(self, *, error: GovernanceError, **fields: Any) -> None:
         """Record a refusal in its own transaction and raise ``error``."""
-        with self.mart.store.begin(write=True) as conn:
-            self._write_refusal(conn, error=error, **fields)
+        with self.mart.store.tx() as tx:
+            self._write_refusal(tx, error=error, **fields)
         raise error
 
-    def _write_refusal(self, conn: Any, *, error: GovernanceError, call_id: str, ctx: CallContext, route: str,
+    def _write_refusal(self, tx: "Tx", *, error: GovernanceError, call_id: str, ctx: CallContext, route: str,
                        requested_model: str, call_type: str, messages: Any, tools: Any, stream: bool,
                        now: dt.datetime, budget_id: str | None = None) -> None:
         """The llm_calls row, the audit row and (for budgets) the event of a refused call."""
-        conn.execute(llm_calls.insert().values(
-            id=call_id, started_at=now, ended_at=now, call_type=call_type, user_id=ctx.user_id,
-            department=ctx.department, use_case=ctx.use_case, data_sensitivity=ctx.data_sensitivity,
-            requested_model=requested_model, route=route, status="refused", stream=bool(stream),
-            error_type=type(error).__name__, error_message=redact(str(error))))
-        self.audit.append(conn, {
+        tx.run("llm_calls.insert", _q_insert_call,
+               id=call_id, started_at=now, ended_at=now, call_type=call_type, user_id=ctx.user_id,
+               department=ctx.department, use_case=ctx.use_case, data_sensitivity=ctx.data_sensitivity,
+               requested_model=requested_model, route=route, status="refused", stream=bool(stream),
+               error_type=type(error).__name__, error_message=redact(str(error)))
+        self.audit.append(tx, {
             "call_id": call_id, "recorded_at": now, "user_id": ctx.user_id, "department": ctx.department,
             "audit_reason": ctx.audit_reason, "use_case": ctx.use_case,
             "data_sensitivity": ctx.data_sensitivity, "requested_model": requested_model, "route": route,
             "decision": "refused", "rule": getattr(error, "rule", "governance"), "status": "refused",
             "error": f"{type(error).__name__}: {error}", **self.content_fields(messages, tools)})
         if budget_id is not None:
-            from tidyllm.mart.schema import budget_events
-
-            conn.execute(budget_events.insert().values(
-                id=str(uuid.uuid4()), at=now, budget_id=budget_id, kind="refused",
-                data={"call_id": call_id, "department": ctx.department, "user_id": ctx.user_id}))
+            self.budgets._event(tx, now, budget_id, "refused",
+                                {"call_id": call_id, "department": ctx.department, "user_id": ctx.user_id})
 
     def refuse_metadata(self, error: MetadataError, *, metadata: Any, route: str, requested_model: str,
                         call_type: str, messages: Any, call_id: str | None = None) -> None:
@@ -396,8 +427,8 @@ class Governor:
                 and record.error_type not in ("AuthenticationError", "PermissionDeniedError"):
             # The money settles now; the call row and its audit row are written once the gateway has
             # exported the call's trace (seconds later), on the lookup's thread, in one transaction.
-            with self.mart.store.begin(write=True) as conn:
-                self._settle_reservation(conn, admission, record, cost)
+            with self.mart.store.tx() as tx:
+                self._settle_reservation(tx, admission, record, cost)
             first = lookup.submit(admission.call_id, admission.route,
                                   lambda trace: self._record(record, admission, outcome, cost, trace))
             self._forget_stream(admission.call_id)
@@ -407,12 +438,12 @@ class Governor:
         if self._record(record, admission, outcome, cost, None, settle=True):
             self._notify(record, admission)
 
-    def _settle_reservation(self, conn: Any, admission: Admission, record: "CallRecord", cost: float | None) -> None:
+    def _settle_reservation(self, tx: "Tx", admission: Admission, record: "CallRecord", cost: float | None) -> None:
         if admission.reservation_id:
             if record.ok or (cost or 0) > 0:
-                self.budgets.settle(conn, admission.reservation_id, cost or 0.0, utcnow())
+                self.budgets.settle(tx, admission.reservation_id, cost or 0.0, utcnow())
             else:
-                self.budgets.release(conn, admission.reservation_id, utcnow())
+                self.budgets.release(tx, admission.reservation_id, utcnow())
 
     def _record(self, record: "CallRecord", admission: Admission, outcome: str | None, cost: float | None,
                 trace: "TraceRef | None", *, settle: bool = False) -> bool:
@@ -429,34 +460,32 @@ class Governor:
                  "trace_experiment_id": trace.experiment_id if trace else None,
                  "tool_calls": [{"name": n, "arguments": a} for n, a in record.tool_calls]
                  if called and self.audit.capture == "full" else None}
-        with self.mart.store.begin(write=True) as conn:
-            if settle:
-                self._settle_reservation(conn, admission, record, cost)
-            updated = conn.execute(llm_calls.update().where(llm_calls.c.id == admission.call_id,
-                                                            llm_calls.c.status == "pending").values(
-                ended_at=now, status=status, provider_model=record.provider_model,
-                prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
-                cached_tokens=record.cached_tokens, reasoning_tokens=record.reasoning_tokens, cost_usd=cost,
-                latency_ms=record.latency_ms, error_type=record.error_type,
-                error_message=redact(record.error_message)[:4000] if record.error_message else None,
-                outcome=outcome, stream=record.stream))
-            if updated.rowcount == 0:
-                self._forget_stream(admission.call_id)
-                return False
-            self.audit.append(conn, {
-                "call_id": admission.call_id, "recorded_at": now, "user_id": ctx.get("user_id"),
-                "department": ctx.get("department"), "audit_reason": ctx.get("audit_reason"),
-                "use_case": ctx.get("use_case"), "data_sensitivity": ctx.get("data_sensitivity"),
-                "requested_model": admission.requested_model, "route": admission.route, "decision": "allowed",
-                "rule": "clamped" if admission.clamped else None, "status": status,
-                "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
-                "cost_usd": cost, "latency_ms": record.latency_ms,
-                "error": f"{record.error_type}: {record.error_message}" if not record.ok else None,
-                "trace_id": trace.trace_id if trace else None,
-                "extra": {k: v for k, v in extra.items() if v is not None},
-                **self.content_fields(record.messages, record.tools, record.tool_calls)})
+        with self.mart.store.tx() as tx:
+            updated = tx.run("llm_calls.finish", _q_finish_call, call_id=admission.call_id, ended=now,
+                             new_status=status, provider_model_=record.provider_model,
+                             prompt_tokens_=record.prompt_tokens, completion_tokens_=record.completion_tokens,
+                             cached_tokens_=record.cached_tokens, reasoning_tokens_=record.reasoning_tokens,
+                             cost=cost, latency=record.latency_ms, error_type_=record.error_type,
+                             error_message_=redact(record.error_message)[:4000] if record.error_message else None,
+                             outcome_=outcome, stream_=bool(record.stream))
+            finished = updated.rowcount > 0
+            if finished:
+                if settle:
+                    self._settle_reservation(tx, admission, record, cost)
+                self.audit.append(tx, {
+                    "call_id": admission.call_id, "recorded_at": now, "user_id": ctx.get("user_id"),
+                    "department": ctx.get("department"), "audit_reason": ctx.get("audit_reason"),
+                    "use_case": ctx.get("use_case"), "data_sensitivity": ctx.get("data_sensitivity"),
+                    "requested_model": admission.requested_model, "route": admission.route, "decision": "allowed",
+                    "rule": "clamped" if admission.clamped else None, "status": status,
+                    "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
+                    "cost_usd": cost, "latency_ms": record.latency_ms,
+                    "error": f"{record.error_type}: {record.error_message}" if not record.ok else None,
+                    "trace_id": trace.trace_id if trace else None,
+                    "extra": {k: v for k, v in extra.items() if v is not None},
+                    **self.content_fields(record.messages, record.tools, record.tool_calls)})
         self._forget_stream(admission.call_id)
-        return True
+        return finished
 
     def _forget_stream(self, call_id: str) -> None:
         """A governed stream's call is settled: stop tracking it, and tell the stream."""
@@ -486,18 +515,18 @@ class Governor:
         direct = self.settings.gateway_only and not (
             self.is_gateway_endpoint(f"openai/{model}", record.api_base) or model in self.routes)
         rule = "gateway_only:sync-sdk-call-bypassed-enforcement" if direct else "sync-sdk-call-bypassed-enforcement"
-        with self.mart.store.begin(write=True) as conn:
+        with self.mart.store.tx() as tx:
             if cost:
-                self.budgets.charge(conn, ctx, model, model, cost, now)
-            conn.execute(llm_calls.insert().values(
-                id=call_id, started_at=record.started_at, ended_at=record.ended_at, call_type=record.call_type,
-                user_id=ctx.user_id, department=ctx.department, use_case=ctx.use_case,
-                data_sensitivity=ctx.data_sensitivity, requested_model=model, route=model,
-                provider_model=record.provider_model, status="unenforced", stream=record.stream,
-                prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens, cost_usd=cost,
-                price_id=price.id if price else None, latency_ms=record.latency_ms,
-                error_type=record.error_type, error_message=redact(record.error_message)))
-            self.audit.append(conn, {
+                self.budgets.charge(tx, ctx, model, model, cost, now)
+            tx.run("llm_calls.insert", _q_insert_call,
+                   id=call_id, started_at=record.started_at, ended_at=record.ended_at, call_type=record.call_type,
+                   user_id=ctx.user_id, department=ctx.department, use_case=ctx.use_case,
+                   data_sensitivity=ctx.data_sensitivity, requested_model=model, route=model,
+                   provider_model=record.provider_model, status="unenforced", stream=bool(record.stream),
+                   prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens, cost_usd=cost,
+                   price_id=price.id if price else None, latency_ms=record.latency_ms,
+                   error_type=record.error_type, error_message=redact(record.error_message))
+            self.audit.append(tx, {
                 "call_id": call_id, "recorded_at": now, "user_id": ctx.user_id, "department": ctx.department,
                 "audit_reason": ctx.audit_reason, "use_case": ctx.use_case, "data_sensitivity": ctx.data_sensitivity,
                 "requested_model": model, "route": model, "decision": "unenforced", "rule": rule,
@@ -526,3 +555,31 @@ class Governor:
             if done is not None:
                 done.set()
 
+
+
+# --- prepared statements (see tidyllm.mart.fastsql) ---------------------------------------------
+
+
+def _q_insert_call() -> Any:
+    return llm_calls.insert(), [c.name for c in llm_calls.c]
+
+
+def _q_finish_call() -> Any:
+    import sqlalchemy as sa
+
+    c = llm_calls.c
+    p = sa.bindparam
+
+    def typed(name: str, column: Any) -> Any:
+        return p(name, type_=column.type)
+
+    return llm_calls.update().where(c.id == p("call_id"), c.status == "pending").values(
+        ended_at=typed("ended", c.ended_at), status=typed("new_status", c.status),
+        provider_model=typed("provider_model_", c.provider_model),
+        prompt_tokens=typed("prompt_tokens_", c.prompt_tokens),
+        completion_tokens=typed("completion_tokens_", c.completion_tokens),
+        cached_tokens=typed("cached_tokens_", c.cached_tokens),
+        reasoning_tokens=typed("reasoning_tokens_", c.reasoning_tokens), cost_usd=typed("cost", c.cost_usd),
+        latency_ms=typed("latency", c.latency_ms), error_type=typed("error_type_", c.error_type),
+        error_message=typed("error_message_", c.error_message), outcome=typed("outcome_", c.outcome),
+        stream=typed("stream_", c.stream))

@@ -9,18 +9,19 @@ scope (table ``rate_events``), so every process sharing the mart sees one limit.
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
 
 from tidyllm.errors import ConfigurationError
 from tidyllm.mart.schema import rate_events
 
 if TYPE_CHECKING:
     from tidyllm.governance.context import CallContext
+    from tidyllm.mart.fastsql import Tx
 
 __all__ = ["RateLimiter", "RateLimit"]
 
@@ -57,36 +58,59 @@ class RateLimiter:
             if not values["rpm"] and not values["tpm"]:
                 raise ConfigurationError(f"rate_limits #{i + 1}: give rpm and/or tpm")
             self.limits.append(RateLimit(scope, str(name), values["rpm"], values["tpm"]))
+        self._next_prune = 0.0
 
-    def check_and_record(self, conn: Connection, ctx: "CallContext", route: str | None, tokens: int,
+    def check_and_record(self, tx: "Tx", ctx: "CallContext", route: str | None, tokens: int,
                          now: dt.datetime) -> tuple[str, float] | None:
         """Record an admitted call, or return ``(message, retry_after_seconds)`` when a limit is reached.
 
-        Runs in the caller's write transaction; events older than the window are pruned."""
+        Runs in the caller's write transaction; events older than the window are pruned every ten seconds."""
         if not self.limits:
             return None
         since = now - _WINDOW
-        conn.execute(rate_events.delete().where(rate_events.c.at < since - _WINDOW))
+        if time.monotonic() >= self._next_prune:
+            tx.run("rate_events.prune", _q_prune, before=since - _WINDOW)
+            self._next_prune = time.monotonic() + 10.0
         values = {"user": ctx.user_id, "department": ctx.department, "route": route}
         for limit in self.limits:
             value = values[limit.scope]
             if value is None or (limit.name != "*" and limit.name != value):
                 continue
-            col = rate_events.c[_COLUMN[limit.scope]]
-            count, used, oldest = conn.execute(
-                sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(rate_events.c.tokens), 0),
-                          sa.func.min(rate_events.c.at))
-                .where(col == value, rate_events.c.at >= since)).one()
+            column = _COLUMN[limit.scope]
+            count, used, oldest = tx.one(f"rate_events.window.{column}", lambda: _q_window(column),
+                                         value=value, since=since)
             over = None
             if limit.rpm is not None and count + 1 > limit.rpm:
                 over = f"{limit.rpm} requests per minute"
             elif limit.tpm is not None and used + tokens > limit.tpm:
                 over = f"{limit.tpm} tokens per minute ({used} used, this call may use {tokens})"
             if over:
-                if oldest is not None and oldest.tzinfo is None:
-                    oldest = oldest.replace(tzinfo=dt.timezone.utc)
+                oldest = _as_utc(oldest)
                 retry = max(0.0, ((oldest or now) + _WINDOW - now).total_seconds())
                 return (f"{limit.scope} {value!r} reached its limit of {over}; retry after {retry:.1f} s", retry)
-        conn.execute(rate_events.insert().values(id=str(uuid.uuid4()), at=now, user_id=ctx.user_id,
-                                                 department=ctx.department, route=route, tokens=int(tokens)))
+        tx.run("rate_events.insert", _q_insert, id=str(uuid.uuid4()), at=now, user_id=ctx.user_id,
+               department=ctx.department, route=route, tokens=int(tokens))
         return None
+
+
+def _as_utc(value: Any) -> dt.datetime | None:
+    """A timestamp read with the driver: SQLite gives SQLAlchemy's text form, psycopg an aware datetime."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def _q_prune() -> Any:
+    return rate_events.delete().where(rate_events.c.at < sa.bindparam("before"))
+
+
+def _q_window(column: str) -> Any:
+    e = rate_events.c
+    return (sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(e.tokens), 0), sa.func.min(e.at))
+            .where(e[column] == sa.bindparam("value"), e.at >= sa.bindparam("since")))
+
+
+def _q_insert() -> Any:
+    return rate_events.insert(), [c.name for c in rate_events.c]

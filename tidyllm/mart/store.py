@@ -14,7 +14,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -22,6 +22,9 @@ from sqlalchemy.engine import Connection, Engine
 
 from tidyllm.errors import ConfigurationError, SchemaVersionError, StorageError
 from tidyllm.mart.schema import metadata
+
+if TYPE_CHECKING:
+    from tidyllm.mart.fastsql import Prepared, Tx
 
 __all__ = ["Store", "HEAD_REVISION", "utcnow", "dumps"]
 
@@ -58,6 +61,10 @@ class Store:
         self._created_dirs: list[Path] = []
         self.engine = self._make_engine(url, echo)
         self.dialect = self.engine.dialect.name
+        # SQLite has one writer at a time; threads of this process queue on this lock instead of
+        # SQLite's busy handler, which sleeps in steps of milliseconds (other processes still use it)
+        self._write_lock: Any = threading.RLock() if self.dialect == "sqlite" else contextlib.nullcontext()
+        self._prepared: dict[str, Any] = {}
         try:
             self._ensure_schema(upgrade)
         except BaseException:
@@ -129,7 +136,7 @@ class Store:
         """A transaction. ``write=True`` takes SQLite's write lock up front (``BEGIN IMMEDIATE``), so a
         read-then-write sequence cannot deadlock or be overtaken by another writer."""
         try:
-            with self.engine.connect() as conn:
+            with self._write_lock if write else contextlib.nullcontext(), self.engine.connect() as conn:
                 if write and self.dialect == "sqlite":
                     conn = conn.execution_options(sqlite_immediate=True)
                 with conn.begin():
@@ -138,6 +145,46 @@ class Store:
             raise StorageError(f"database error on {self.safe_url}: {exc.orig}") from exc
         except sa.exc.DBAPIError as exc:
             raise StorageError(f"database error on {self.safe_url}: {exc.orig}") from exc
+
+    @contextlib.contextmanager
+    def tx(self, *, write: bool = True) -> Iterator["Tx"]:
+        """A transaction on a pooled DBAPI connection, for prepared statements (:mod:`tidyllm.mart.fastsql`).
+
+        The hot paths (admitting and settling governed calls) use it: no SQL is built per call.
+        ``write=True`` takes SQLite's write lock up front, as :meth:`begin` does."""
+        from tidyllm.mart.fastsql import Tx
+
+        dbapi_error = self.engine.dialect.loaded_dbapi.Error
+        with self._write_lock if write else contextlib.nullcontext():
+            try:
+                raw = self.engine.raw_connection()
+            except sa.exc.DBAPIError as exc:
+                raise StorageError(f"database error on {self.safe_url}: {exc.orig}") from exc
+            try:
+                cursor = raw.driver_connection.cursor()
+                if self.dialect == "sqlite":
+                    cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    yield Tx(cursor, self)
+                except BaseException:
+                    raw.rollback()
+                    raise
+                raw.commit()
+            except dbapi_error as exc:
+                raise StorageError(f"database error on {self.safe_url}: {exc}") from exc
+            finally:
+                raw.close()
+
+    def prepared(self, key: str, build: Any) -> "Prepared":
+        """The statement ``key`` compiled for this database (``build()`` makes it the first time)."""
+        stmt = self._prepared.get(key)
+        if stmt is None:
+            from tidyllm.mart.fastsql import Prepared
+
+            built = build()
+            stmt, keys = built if isinstance(built, tuple) else (built, None)
+            stmt = self._prepared[key] = Prepared(stmt, self.engine.dialect, keys)
+        return stmt
 
     @property
     def safe_url(self) -> str:

@@ -204,15 +204,25 @@ def build_strategy(router: Any, governor: "Governor", health: "RouteHealth", cho
 
         def _affordable(self, ctx: "CallContext", model: str, allowed: list[str], prices: Mapping[str, Any],
                         prompt_tokens: int, is_embedding: bool) -> list[str]:
-            """The routes whose cheapest possible answer fits the tightest applicable budget."""
-            headroom = self.governor.budgets.headroom(ctx, None, model)
-            if headroom is None:
-                return allowed
+            """The routes whose cheapest possible answer fits the tightest applicable budget.
+
+            A pre-filter: it uses the headroom this process's last reservations saw (under a
+            second old) unless some route's cost comes within half of it, then it reads the
+            budgets; the reservation itself is always exact."""
             from tidyllm.governance.budgets import MIN_CLAMPED_TOKENS
 
             out_tokens = 0 if is_embedding else MIN_CLAMPED_TOKENS
-            return [r for r in allowed if prices[r] is None
-                    or (prompt_tokens * prices[r].input_per_1m + out_tokens * prices[r].output_per_1m) / 1e6 <= headroom]
+            least = {r: (prompt_tokens * prices[r].input_per_1m + out_tokens * prices[r].output_per_1m) / 1e6
+                     for r in allowed if prices[r] is not None}
+            budgets = self.governor.budgets
+            headroom = budgets.headroom(ctx, None, model, max_age=1.0)
+            if headroom is None:
+                return allowed
+            if any(cost > headroom / 2 for cost in least.values()):
+                headroom = budgets.headroom(ctx, None, model)
+                if headroom is None:
+                    return allowed
+            return [r for r in allowed if r not in least or least[r] <= headroom]
 
         def _no_route(self, ctx: "CallContext", model: str, call_type: str, messages: Any, input: Any,
                       routes: list[str]) -> None:
