@@ -134,6 +134,7 @@ class BudgetLedger:
         self._next_expiry = 0.0
         #: budget id -> (headroom the last reservation in this process left, monotonic time seen)
         self._seen: dict[str, tuple[float, float]] = {}
+        self._starts_cache: tuple[dt.datetime, dt.datetime, dict[str, dt.datetime]] | None = None
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -261,25 +262,41 @@ class BudgetLedger:
         tx.run("budget_events.insert", _q_insert_event, id=str(uuid.uuid4()), at=now, budget_id=budget_id,
                kind=kind, data=data)
 
-    def _window_rows(self, tx: Any, applicable: list[dict[str, Any]],
-                     now: dt.datetime) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        """Lock (creating as needed) the current window row of each budget, in budget-id order."""
+    def _starts(self, now: dt.datetime) -> dict[str, dt.datetime]:
+        """UTC start of the current window of each period (cached until the day changes)."""
+        cached = self._starts_cache
+        if cached is not None and cached[0] <= now < cached[1]:
+            return cached[2]
+        starts = {p: window_bounds(p, now, self.tz)[0] for p in PERIODS}
+        self._starts_cache = (starts["day"], window_bounds("day", now, self.tz)[1] or now, starts)
+        return starts
+
+    def _lock_windows(self, tx: Any, ctx: "CallContext", route: str | None, model: str | None,
+                      now: dt.datetime) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Lock the current window row of every budget enclosing a call (creating missing ones), in
+        budget-id order; ``[(budget, window), ...]``.
+
+        One statement when every enclosing budget has its current window (it also counts the
+        enclosing budgets, so a missing window is noticed); the first call of a new period, or of a
+        new budget, creates the windows and locks again."""
         tx = Tx.of(tx, self._store)
+        starts = self._starts(now)
+        params = dict(department=ctx.department, user=ctx.user_id, route=route, model=model, **starts)
+        rows = tx.all("budget_windows.lock", _q_lock_windows, **params)
+        enclosing = rows[0][-1] if rows else tx.one("budgets.count", _q_count_applicable, **params)[0]
+        if len(rows) < enclosing:
+            tx.run("budget_windows.ensure", lambda: _q_ensure_windows(self._store.dialect), **params)
+            rows = tx.all("budget_windows.lock", _q_lock_windows, **params)
         out = []
-        for budget in sorted(applicable, key=lambda b: b["id"]):
-            start, _ = window_bounds(budget["period"], now, self.tz)
-            row = tx.one("budget_windows.lock", _q_lock_window, budget_id=budget["id"], start=start)
-            if row is None:
-                tx.run("budget_windows.create", lambda: _q_create_window(self._store.dialect),
-                       budget_id=budget["id"], start=start)
-                row = tx.one("budget_windows.lock", _q_lock_window, budget_id=budget["id"], start=start)
-            out.append((budget, {"window_start": start, "spent_usd": row[0], "reserved_usd": row[1],
-                                 "warned": bool(row[2])}))
+        for row in rows:
+            budget = dict(zip(_BUDGET_COLS, row[:6]))
+            out.append((budget, {"window_start": starts[budget["period"]], "spent_usd": row[6],
+                                 "reserved_usd": row[7], "warned": bool(row[8])}))
         return out
 
     def reserve(self, tx: Any, *, call_id: str, ctx: "CallContext", route: str | None,
                 model: str | None, prompt_cost_usd: float, output_cost_per_token: float, max_tokens: int,
-                now: dt.datetime, applicable: list[dict[str, Any]] | None = None) -> Reservation | Refusal | None:
+                now: dt.datetime) -> Reservation | Refusal | None:
         """Reserve the worst case in the caller's write transaction ``tx``.
 
         Returns a :class:`Reservation`, a :class:`Refusal` naming the tightest budget, or None when
@@ -287,15 +304,13 @@ class BudgetLedger:
         Expired leases are returned first when the call would otherwise not fit.
         """
         tx = Tx.of(tx, self._store)
-        if applicable is None:
-            applicable = self.applicable_in(tx, ctx, route, model)
-        if not applicable:
+        windows = self._lock_windows(tx, ctx, route, model, now)
+        if not windows:
             return None
-        windows = self._window_rows(tx, applicable, now)
         worst = prompt_cost_usd + max_tokens * output_cost_per_token
         if min(b["limit_usd"] - w["spent_usd"] - w["reserved_usd"] for b, w in windows) < worst + 1e-12 \
                 and self.expire_leases(tx, now):
-            windows = self._window_rows(tx, applicable, now)
+            windows = self._lock_windows(tx, ctx, route, model, now)
         headrooms = [(b["limit_usd"] - w["spent_usd"] - w["reserved_usd"], b, w) for b, w in windows]
         headroom, tight_b, tight_w = min(headrooms, key=lambda h: h[0])
         seen_at = time.monotonic()
@@ -369,7 +384,7 @@ class BudgetLedger:
                amount_usd: float, now: dt.datetime) -> None:
         """Count spend that was not reserved (a plain sync call that bypassed enforcement)."""
         tx = Tx.of(tx, self._store)
-        for budget, window in self._window_rows(tx, self.applicable_in(tx, ctx, route, model), now):
+        for budget, window in self._lock_windows(tx, ctx, route, model, now):
             tx.run("budget_windows.add", _q_add, budget_id=budget["id"], start=window["window_start"],
                    spent=amount_usd, reserved=0.0)
 
@@ -388,8 +403,7 @@ class BudgetLedger:
             seen = [self._seen.get(b["id"]) for b in applicable]
             if all(s is not None and s[1] >= horizon for s in seen):
                 return min(s[0] for s in seen if s is not None)
-        now = utcnow()
-        starts = {p: window_bounds(p, now, self.tz)[0] for p in PERIODS}
+        starts = self._starts(utcnow())
         with self._store.tx(write=False) as tx:
             rows = tx.all("budgets.headroom", _q_headroom, department=ctx.department, user=ctx.user_id,
                           route=route, model=model, day=starts["day"], week=starts["week"],
@@ -469,31 +483,45 @@ def _q_applicable() -> Any:
     return sa.select(*(budgets.c[c] for c in _BUDGET_COLS)).where(_applicable_where()).order_by(budgets.c.id)
 
 
+def _period_start() -> Any:
+    """The current window start of a budget's period, from the parameters day, week, month and total."""
+    return sa.case(*((budgets.c.period == p, sa.bindparam(p, type_=budget_windows.c.window_start.type))
+                     for p in PERIODS))
+
+
 def _q_headroom() -> Any:
     b, w = budgets.c, budget_windows.c
-    start = sa.case(*((b.period == p, sa.bindparam(p, type_=budget_windows.c.window_start.type)) for p in PERIODS))
-    joined = budgets.outerjoin(budget_windows, sa.and_(w.budget_id == b.id, w.window_start == start))
+    joined = budgets.outerjoin(budget_windows, sa.and_(w.budget_id == b.id, w.window_start == _period_start()))
     return sa.select(b.limit_usd, w.spent_usd, w.reserved_usd).select_from(joined).where(_applicable_where())
+
+
+def _q_ensure_windows(dialect: str) -> Any:
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    b = budgets.c
+    rows = sa.select(b.id, _period_start(), sa.literal(0.0, sa.Float), sa.literal(0.0, sa.Float), sa.false()) \
+        .where(_applicable_where())
+    return insert(budget_windows).from_select(
+        ["budget_id", "window_start", "spent_usd", "reserved_usd", "warned"], rows).on_conflict_do_nothing()
+
+
+def _q_count_applicable() -> Any:
+    return sa.select(sa.func.count()).select_from(budgets).where(_applicable_where())
+
+
+def _q_lock_windows() -> Any:
+    b, w = budgets.c, budget_windows.c
+    joined = budgets.join(budget_windows, sa.and_(w.budget_id == b.id, w.window_start == _period_start()))
+    enclosing = _q_count_applicable().scalar_subquery()
+    return (sa.select(*(b[c] for c in _BUDGET_COLS), w.spent_usd, w.reserved_usd, w.warned, enclosing)
+            .select_from(joined).where(_applicable_where()).order_by(b.id).with_for_update(of=budget_windows))
 
 
 def _window_key() -> Any:
     w = budget_windows.c
     return sa.and_(w.budget_id == sa.bindparam("budget_id"), w.window_start == sa.bindparam("start"))
-
-
-def _q_lock_window() -> Any:
-    w = budget_windows.c
-    return sa.select(w.spent_usd, w.reserved_usd, w.warned).where(_window_key()).with_for_update()
-
-
-def _q_create_window(dialect: str) -> Any:
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(budget_windows).values(
-        budget_id=sa.bindparam("budget_id"), window_start=sa.bindparam("start"), spent_usd=0.0, reserved_usd=0.0,
-        warned=False).on_conflict_do_nothing()
 
 
 def _q_add() -> Any:

@@ -461,14 +461,14 @@ class Governor:
                  "tool_calls": [{"name": n, "arguments": a} for n, a in record.tool_calls]
                  if called and self.audit.capture == "full" else None}
         with self.mart.store.tx() as tx:
-            updated = tx.run("llm_calls.finish", _q_finish_call, call_id=admission.call_id, ended=now,
+            updated = tx.one("llm_calls.finish", _q_finish_call, call_id=admission.call_id, ended=now,
                              new_status=status, provider_model_=record.provider_model,
                              prompt_tokens_=record.prompt_tokens, completion_tokens_=record.completion_tokens,
                              cached_tokens_=record.cached_tokens, reasoning_tokens_=record.reasoning_tokens,
                              cost=cost, latency=record.latency_ms, error_type_=record.error_type,
                              error_message_=redact(record.error_message)[:4000] if record.error_message else None,
                              outcome_=outcome, stream_=bool(record.stream))
-            finished = updated.rowcount > 0
+            finished = updated is not None
             if finished:
                 if settle:
                     self._settle_reservation(tx, admission, record, cost)
@@ -582,4 +582,4 @@ def _q_finish_call() -> Any:
         reasoning_tokens=typed("reasoning_tokens_", c.reasoning_tokens), cost_usd=typed("cost", c.cost_usd),
         latency_ms=typed("latency", c.latency_ms), error_type=typed("error_type_", c.error_type),
         error_message=typed("error_message_", c.error_message), outcome=typed("outcome_", c.outcome),
-        stream=typed("stream_", c.stream))
+        stream=typed("stream_", c.stream)).returning(c.id)

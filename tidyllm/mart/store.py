@@ -150,7 +150,8 @@ class Store:
     def tx(self, *, write: bool = True) -> Iterator["Tx"]:
         """A transaction on a pooled DBAPI connection, for prepared statements (:mod:`tidyllm.mart.fastsql`).
 
-        The hot paths (admitting and settling governed calls) use it: no SQL is built per call.
+        The hot paths (admitting and settling governed calls) use it: no SQL is built per call,
+        and on PostgreSQL psycopg prepares each statement on the server after a few executions.
         ``write=True`` takes SQLite's write lock up front, as :meth:`begin` does."""
         from tidyllm.mart.fastsql import Tx
 
