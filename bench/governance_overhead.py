@@ -36,18 +36,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import percentile, postgres_database, print_header, print_load, write_results  # noqa: E402
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 MESSAGES = [{"role": "user", "content": "Summarise the peer review findings in two sentences."}]
@@ -61,15 +61,6 @@ MODEL_LIST = [{"model_name": "chat",
                                   "input_cost_per_token": PRICE_PER_1M[0] / 1e6,
                                   "output_cost_per_token": PRICE_PER_1M[1] / 1e6},
                "model_info": {"id": DEPLOYMENT}}]
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The ``q`` quantile (0..1) by linear interpolation, as numpy's default."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 # --------------------------------------------------------------------------------------- workers
@@ -246,43 +237,11 @@ def profile(url: str, calls: int, warmup: int, top: int = 30) -> str:
     return buf.getvalue()
 
 
-def _postgres_database(base_url: str) -> tuple[str, Any]:
-    """A fresh database on ``base_url``'s server and a function that drops it."""
-    import psycopg
-    import sqlalchemy as sa
-
-    base = sa.engine.make_url(base_url)
-    if base.drivername == "postgresql":
-        base = base.set(drivername="postgresql+psycopg")
-    admin = base.set(drivername="postgresql").render_as_string(hide_password=False)
-    name = f"tidyllm_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-    def drop() -> None:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    return base.set(database=name).render_as_string(hide_password=False), drop
-
-
 def _fresh_mart(url: str) -> None:
     """Create the schema once before the workers start (as a deployment would)."""
     from tidyllm.mart import TidyMart
 
     TidyMart(url).close()
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("tidyllm", "litellm", "sqlalchemy", "psycopg"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,14 +278,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"profiling {args.profile} governed calls on SQLite ...", flush=True)
             results["profile_sqlite"] = profile(prof_url, args.profile, args.warmup)
     if args.postgres_url:
-        pg_url, drop = _postgres_database(args.postgres_url)
+        pg_url, drop = postgres_database(args.postgres_url)
         try:
             _fresh_mart(pg_url)
             print(f"PostgreSQL: {args.calls} plain + {args.calls} governed calls, interleaved ...", flush=True)
             results["interleaved"]["postgresql"] = interleaved(pg_url, args.calls, args.warmup)
         finally:
             drop()
-        pg_url, drop = _postgres_database(args.postgres_url)
+        pg_url, drop = postgres_database(args.postgres_url)
         try:
             _fresh_mart(pg_url)
             print(f"PostgreSQL: throughput of {args.processes} governed processes ...", flush=True)
@@ -340,10 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = {"sqlite": 1.0, "postgresql": 2.0}
     print()
     print(f"Router.completion with mock_response: plain vs governed, {args.calls} calls each, interleaved")
-    header = (f"{'backend':<11} {'plain med':>9} {'plain p95':>9} {'gov med':>8} {'gov p95':>8} "
-              f"{'added med':>9} {'added p95':>9} {'ratio':>6} {'target':>7}  mart check")
-    print(header)
-    print("-" * len(header))
+    print_header(f"{'backend':<11} {'plain med':>9} {'plain p95':>9} {'gov med':>8} {'gov p95':>8} "
+                 f"{'added med':>9} {'added p95':>9} {'ratio':>6} {'target':>7}  mart check")
     for backend, r in results["interleaved"].items():
         check = r["mart_check"]
         ok = (check["calls"] == {"success": args.calls + args.warmup} and abs(check["reserved_usd"]) < 1e-12
@@ -360,19 +317,14 @@ def main(argv: list[str] | None = None) -> int:
               f"including settle (mart check: {t['mart_check']})")
     for note in results["notes"]:
         print(f"note: {note}")
-    print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} CPUs")
+    print_load(load_before, load_after)
     if "profile_sqlite" in results:
         print("\ncProfile of governed calls on SQLite (cumulative):")
         print(results["profile_sqlite"])
 
-    out = {"benchmark": "governance_overhead", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-           "calls": args.calls, "warmup": args.warmup, "targets_added_median_ms": targets, **results,
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                       "loadavg_before": load_before, "loadavg_after": load_after},
-           "versions": _versions(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, "governance_overhead",
+                  {"calls": args.calls, "warmup": args.warmup, "targets_added_median_ms": targets, **results},
+                  load_before, load_after, ("tidyllm", "litellm", "sqlalchemy", "psycopg"))
     return 0
 
 
