@@ -227,6 +227,15 @@ class Governor:
         if price is not None and price.id is None:
             # a LiteLLM price used for the first time becomes a stored price version
             price = self._store_litellm_price(price)
+        if price is not None and self.mart.store.dialect == "postgresql" and not self.limiter.limits \
+                and not self.budgets.expiry_due():
+            admission = self._admit_in_one_statement(
+                ctx=ctx, route=route, requested_model=requested_model, call_type=call_type, price=price,
+                prompt_tokens=prompt_tokens, out_tokens=out_tokens, is_embedding=is_embedding, stream=stream,
+                call_id=call_id, now=now, extra=extra)
+            if admission is not None:
+                self.listeners_done[call_id] = threading.Event()
+                return admission
         refusal: tuple[GovernanceError, str | None] | None = None
         with self.mart.store.tx() as tx:
             self.budgets.maybe_expire_leases(tx, now)
@@ -280,6 +289,29 @@ class Governor:
             log.info("call %s: max_tokens clamped to %d to fit the budget", call_id, admission.max_tokens)
         self.listeners_done[call_id] = threading.Event()
         return admission
+
+    def _admit_in_one_statement(self, *, ctx: CallContext, route: str, requested_model: str, call_type: str,
+                                price: "Price", prompt_tokens: int, out_tokens: int, is_embedding: bool,
+                                stream: bool, call_id: str, now: dt.datetime,
+                                extra: Mapping[str, Any] | None) -> Admission | None:
+        """The common case on PostgreSQL — priced, no rate limit, the whole worst case fits — in one
+        round trip (:meth:`BudgetLedger.reserve_in_one_statement`); None when the general path must decide."""
+        max_tokens = max(out_tokens, 1 if not is_embedding else 0)
+        worst = prompt_tokens * price.input_per_1m / 1e6 + max_tokens * price.output_per_1m / 1e6
+        reservation_id = self.budgets.reserve_in_one_statement(
+            call_id=call_id, ctx=ctx, route=route, model=requested_model, worst=worst, now=now,
+            call_row={"call_type": call_type, "user_id": ctx.user_id, "use_case": ctx.use_case,
+                      "data_sensitivity": ctx.data_sensitivity, "requested_model": requested_model,
+                      "stream": bool(stream), "price_id": price.id})
+        if reservation_id is None:
+            return None
+        return Admission(
+            call_id=call_id, route=route, requested_model=requested_model, call_type=call_type,
+            context=ctx.as_dict(), started_at=now.isoformat(),
+            max_tokens=max_tokens if reservation_id else out_tokens, clamped=False,
+            reservation_id=reservation_id or None, reserved_usd=worst if reservation_id else 0.0,
+            price_id=price.id, input_per_1m=price.input_per_1m, output_per_1m=price.output_per_1m,
+            extra=dict(extra or {}))
 
     def _store_litellm_price(self, price: "Price") -> "Price":
         """Store a LiteLLM price as a price version (once) and return it with its id."""

@@ -176,6 +176,30 @@ class Store:
             finally:
                 raw.close()
 
+    @contextlib.contextmanager
+    def autocommit(self) -> Iterator[Any]:
+        """A DBAPI cursor whose every statement commits on its own (PostgreSQL only): for the single
+        statements that do a whole transaction's work in one round trip."""
+        if self.dialect != "postgresql":
+            raise StorageError("autocommit statements are used on PostgreSQL only")
+        dbapi_error = self.engine.dialect.loaded_dbapi.Error
+        try:
+            raw = self.engine.raw_connection()
+        except sa.exc.DBAPIError as exc:
+            raise StorageError(f"database error on {self.safe_url}: {exc.orig}") from exc
+        conn = raw.driver_connection
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cursor:
+                yield cursor
+        except dbapi_error as exc:
+            raise StorageError(f"database error on {self.safe_url}: {exc}") from exc
+        finally:
+            try:
+                conn.autocommit = False
+            finally:
+                raw.close()
+
     def prepared(self, key: str, build: Any) -> "Prepared":
         """The statement ``key`` compiled for this database (``build()`` makes it the first time)."""
         stmt = self._prepared.get(key)
