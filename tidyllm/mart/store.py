@@ -48,9 +48,13 @@ def _default(value: Any) -> Any:
     return str(value)
 
 
+#: one encoder for every JSON column (``json.dumps`` with options builds a new one per call)
+_ENCODER = json.JSONEncoder(default=_default, separators=(",", ":"), sort_keys=False)
+
+
 def dumps(value: Any) -> str:
     """JSON-encode ``value`` the way the mart stores JSON columns (unknown types become strings)."""
-    return json.dumps(value, default=_default, separators=(",", ":"), sort_keys=False)
+    return _ENCODER.encode(value)
 
 
 class Store:
