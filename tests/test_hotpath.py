@@ -106,3 +106,22 @@ def test_a_new_period_creates_its_window_on_the_first_call(platform: Any) -> Non
     by_budget = platform.budgets.status().set_index("scope")
     assert by_budget.loc["user", "reserved_usd"] == pytest.approx(0.02)
     assert by_budget.loc["department", "reserved_usd"] == pytest.approx(0.04)
+
+
+def test_an_image_is_reserved_by_its_token_cost_not_its_base64_length() -> None:
+    """A base64 image is megabytes of text but at most ~1,600 tokens to any provider: the estimate counts
+    IMAGE_TOKENS per image, and the text around it as before."""
+    import base64
+
+    from tidyllm.governance.engine import IMAGE_TOKENS, estimate_prompt_tokens
+
+    text_only = [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"}]}]
+    picture = "data:image/png;base64," + base64.b64encode(bytes(range(256)) * 2000).decode()  # ~680 KB
+    with_image = [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"},
+                                               {"type": "image_url", "image_url": {"url": picture}}]}]
+    base = estimate_prompt_tokens("gpt-4o", messages=text_only)
+    estimate = estimate_prompt_tokens("gpt-4o", messages=with_image)
+    assert IMAGE_TOKENS <= estimate - base <= IMAGE_TOKENS + 40  # the placeholder part's own JSON only
+    assert estimate < len(picture) / 100  # was one token per two characters of the base64 text
+    two = estimate_prompt_tokens("gpt-4o", messages=[with_image[0], with_image[0]])
+    assert two >= 2 * IMAGE_TOKENS + base

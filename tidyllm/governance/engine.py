@@ -86,6 +86,11 @@ def count_tokens(model: str, messages: Any = None, text: Any = None, tools: Any 
         return len(blob) // 3 + 1
 
 
+#: input tokens reserved per image in a request: above the most any provider charges for one image
+#: (OpenAI high detail tops out at 1,445, Anthropic at about 1,600, Gemini at 258)
+IMAGE_TOKENS = 2_000
+
+
 def estimate_prompt_tokens(model: str, messages: Any = None, text: Any = None, tools: Any = None) -> int:
     """An upper estimate of the input tokens a provider will count for a request.
 
@@ -93,8 +98,12 @@ def estimate_prompt_tokens(model: str, messages: Any = None, text: Any = None, t
     it takes the larger of a token count of the request's JSON (its content plus the JSON syntax
     around it, which is more than the few tokens of framing a chat format adds per message) and one
     token per two characters (tokenizers split long words, numbers and punctuation finely), adds
-    15 % and 16 tokens of framing. Reserving more than is spent only holds headroom until the call
-    settles; reserving less could overspend."""
+    15 % and 16 tokens of framing, and :data:`IMAGE_TOKENS` per image (an image's base64 text says
+    nothing about its token cost, which providers compute from its size). Reserving more than is
+    spent only holds headroom until the call settles; reserving less could overspend."""
+    images = 0
+    if messages is not None:
+        messages, images = _without_images(messages)
     blob = json.dumps(messages if messages is not None else text, default=str) + (
         json.dumps(tools, default=str) if tools else "")
     encode = _ordinary_encoder(model)
@@ -102,7 +111,28 @@ def estimate_prompt_tokens(model: str, messages: Any = None, text: Any = None, t
         n = len(encode(blob))
     else:
         n = count_tokens(model, messages=messages, text=text, tools=tools)
-    return int(math.ceil(max(n, len(blob) / 2.0) * 1.15)) + 16
+    return int(math.ceil(max(n, len(blob) / 2.0) * 1.15)) + 16 + images * IMAGE_TOKENS
+
+
+def _without_images(messages: Any) -> tuple[Any, int]:
+    """``messages`` with each ``image_url`` content part replaced by a placeholder, and how many there were."""
+    if not isinstance(messages, list):
+        return messages, 0
+    count = 0
+    out = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list) and any(isinstance(p, Mapping) and p.get("type") == "image_url" for p in content):
+            parts = []
+            for part in content:
+                if isinstance(part, Mapping) and part.get("type") == "image_url":
+                    count += 1
+                    parts.append({"type": "image_url"})
+                else:
+                    parts.append(part)
+            message = {**message, "content": parts}
+        out.append(message)
+    return out, count
 
 
 _ENCODERS: dict[str, Any] = {}
