@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection
 from tidyllm.errors import ConfigurationError
 from tidyllm.mart.fastsql import Tx, json_value
 from tidyllm.mart.schema import budget_events, budget_windows, budgets, reservations
-from tidyllm.mart.store import utcnow
+from tidyllm.mart.store import as_utc, utcnow
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -87,10 +87,6 @@ def usd(amount: float) -> str:
     if abs(amount) >= 1 or amount == 0:
         return f"${amount:,.2f}"
     return f"${amount:.4f}" if abs(amount) >= 0.01 else f"${amount:.6f}"
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
 def window_bounds(period: str, now: dt.datetime, tz: ZoneInfo) -> tuple[dt.datetime, dt.datetime | None]:
@@ -224,13 +220,10 @@ class BudgetLedger:
     # SQLAlchemy connection, which is wrapped) and use prepared statements: they are on the path
     # of every governed call (see tidyllm.mart.fastsql).
 
-    def applicable_in(self, tx: Any, ctx: "CallContext", route: str | None,
-                      model: str | None) -> list[dict[str, Any]]:
-        """The budgets enclosing a call, read in transaction ``tx``, in budget-id order."""
-        tx = Tx.of(tx, self._store)
-        rows = tx.all("budgets.applicable", _q_applicable, department=ctx.department, user=ctx.user_id,
-                      route=route, model=model)
-        return [dict(zip(_BUDGET_COLS, r)) for r in rows]
+    def count_enclosing(self, tx: Any, ctx: "CallContext", route: str | None, model: str | None) -> int:
+        """How many budgets enclose a call, read in transaction ``tx``."""
+        return Tx.of(tx, self._store).one("budgets.count", _q_count_applicable, department=ctx.department,
+                                          user=ctx.user_id, route=route, model=model)[0]
 
     def expire_leases(self, tx: Any, now: dt.datetime) -> int:
         """Return the amounts of expired leases to their budgets. Runs inside a write transaction."""
@@ -240,7 +233,7 @@ class BudgetLedger:
             self._add(tx, json_value(windows), reserved=-amount)
             tx.run("reservations.close", _q_close_reservation, rid=res_id, new_status="expired", settled=None,
                    closed=now)
-            self._event(tx, now, None, "expired_lease",
+            self.record_event(tx, now, None, "expired_lease",
                         {"reservation_id": res_id, "call_id": call_id, "amount_usd": amount})
             log.warning("reservation %s for call %s expired; $%.6f returned to its budgets", res_id, call_id, amount)
         self._next_expiry = time.monotonic() + self.expiry_interval
@@ -248,9 +241,7 @@ class BudgetLedger:
 
     def maybe_expire_leases(self, tx: Any, now: dt.datetime) -> int:
         """:meth:`expire_leases`, at most once per ``expiry_interval`` seconds in this process."""
-        if time.monotonic() < self._next_expiry:
-            return 0
-        return self.expire_leases(tx, now)
+        return self.expire_leases(tx, now) if self.expiry_due() else 0
 
     def expiry_due(self) -> bool:
         """Whether the next admission should look for expired leases."""
@@ -267,35 +258,20 @@ class BudgetLedger:
         One round trip instead of six, for the common case."""
         starts = self._starts(now)
         res_id = str(uuid.uuid4())
-        params = dict(call_row, department=ctx.department, user=ctx.user_id, route=route, model=model,
-                      day=starts["day"], week=starts["week"], month=starts["month"], total=starts["total"],
+        params = dict(call_row, department=ctx.department, user=ctx.user_id, route=route, model=model, **starts,
                       worst=worst, res_id=res_id, call_id=call_id, now=now,
                       expires=now + dt.timedelta(seconds=self.lease_ttl))
         with self._store.autocommit() as cursor:
-            ok, locked, rows, _, _ = cursor.execute(_PG_RESERVE, params).fetchone()
+            ok, locked, rows = cursor.execute(_PG_RESERVE, params).fetchone()
         if not ok:
             return None
-        seen_at = time.monotonic()
-        for budget_id, scope, name, period, limit, soft, spent, reserved, warned in rows or []:
-            self._seen[budget_id] = (limit - spent - reserved - worst, seen_at)
-            threshold = soft or self.soft_threshold
-            if not warned and limit and (spent + reserved + worst) / limit >= threshold:
-                self._warn_once(budget_id, scope, name, period, limit, spent + reserved + worst, threshold,
-                                call_id, now)
+        windows = [_window_pair(row, starts) for row in rows or []]
+        self._remember(windows, worst)
+        for budget, window in windows:
+            if self._warning_due(budget, window, worst):
+                with self._store.tx() as tx:
+                    self._soft_warning(tx, budget, window, worst, call_id, now)
         return res_id if locked else ""
-
-    def _warn_once(self, budget_id: str, scope: str, name: str, period: str, limit: float, used: float,
-                   threshold: float, call_id: str, now: dt.datetime) -> None:
-        """Record a soft-threshold warning for a window, once (whoever flips ``warned`` first)."""
-        with self._store.tx() as tx:
-            flipped = tx.one("budget_windows.warn_once", _q_warn_once, budget_id=budget_id,
-                             start=self._starts(now)[period])
-            if flipped is None:
-                return
-            self._event(tx, now, budget_id, "soft_threshold",
-                        {"scope": scope, "name": name, "period": period, "limit_usd": limit, "used_usd": used,
-                         "threshold": threshold, "call_id": call_id})
-        log.warning("%s %r passed %.0f%% of its %s %s budget", scope, name, threshold * 100, usd(limit), period)
 
     @property
     def expiry_interval(self) -> float:
@@ -303,7 +279,8 @@ class BudgetLedger:
         (a reservation that would be refused looks every time, before refusing)."""
         return min(max(self.lease_ttl / 10.0, 0.2), 30.0)
 
-    def _event(self, tx: Tx, now: dt.datetime, budget_id: str | None, kind: str, data: dict[str, Any]) -> None:
+    def record_event(self, tx: Tx, now: dt.datetime, budget_id: str | None, kind: str, data: dict[str, Any]) -> None:
+        """A ``budget_events`` row in transaction ``tx``."""
         tx.run("budget_events.insert", _q_insert_event, id=str(uuid.uuid4()), at=now, budget_id=budget_id,
                kind=kind, data=data)
 
@@ -328,16 +305,11 @@ class BudgetLedger:
         starts = self._starts(now)
         params = dict(department=ctx.department, user=ctx.user_id, route=route, model=model, **starts)
         rows = tx.all("budget_windows.lock", _q_lock_windows, **params)
-        enclosing = rows[0][-1] if rows else tx.one("budgets.count", _q_count_applicable, **params)[0]
+        enclosing = rows[0][-1] if rows else self.count_enclosing(tx, ctx, route, model)
         if len(rows) < enclosing:
             tx.run("budget_windows.ensure", lambda: _q_ensure_windows(self._store.dialect), **params)
             rows = tx.all("budget_windows.lock", _q_lock_windows, **params)
-        out = []
-        for row in rows:
-            budget = dict(zip(_BUDGET_COLS, row[:6]))
-            out.append((budget, {"window_start": starts[budget["period"]], "spent_usd": row[6],
-                                 "reserved_usd": row[7], "warned": bool(row[8])}))
-        return out
+        return [_window_pair(row, starts) for row in rows]
 
     def reserve(self, tx: Any, *, call_id: str, ctx: "CallContext", route: str | None,
                 model: str | None, prompt_cost_usd: float, output_cost_per_token: float, max_tokens: int,
@@ -356,11 +328,8 @@ class BudgetLedger:
         if min(b["limit_usd"] - w["spent_usd"] - w["reserved_usd"] for b, w in windows) < worst + 1e-12 \
                 and self.expire_leases(tx, now):
             windows = self._lock_windows(tx, ctx, route, model, now)
-        headrooms = [(b["limit_usd"] - w["spent_usd"] - w["reserved_usd"], b, w) for b, w in windows]
-        headroom, tight_b, tight_w = min(headrooms, key=lambda h: h[0])
-        seen_at = time.monotonic()
-        for left, b, _ in headrooms:
-            self._seen[b["id"]] = (left, seen_at)
+        headroom, tight_b, tight_w = min(((b["limit_usd"] - w["spent_usd"] - w["reserved_usd"], b, w)
+                                          for b, w in windows), key=lambda h: h[0])
         tokens, clamped = max_tokens, False
         # a hair of tolerance so float rounding never refuses a call that exactly fits
         if worst > headroom + 1e-12:
@@ -369,6 +338,7 @@ class BudgetLedger:
                 tokens, clamped = int(fit), True
                 worst = prompt_cost_usd + tokens * output_cost_per_token
             else:
+                self._remember(windows, 0.0)
                 return Refusal(tight_b["id"], tight_b["scope"], tight_b["name"], tight_b["period"],
                                tight_b["limit_usd"], tight_w["spent_usd"], tight_w["reserved_usd"], worst)
         keys = tuple((b["id"], w["window_start"].isoformat()) for b, w in windows)
@@ -377,32 +347,46 @@ class BudgetLedger:
             tx.run("budget_windows.add", _q_add, budget_id=budget["id"], start=window["window_start"], spent=0.0,
                    reserved=worst)
             self._soft_warning(tx, budget, window, worst, call_id, now)
-        for left, b, _ in headrooms:
-            self._seen[b["id"]] = (left - worst, seen_at)
+        self._remember(windows, worst)
         tx.run("reservations.insert", _q_insert_reservation, id=res_id, call_id=call_id, amount_usd=worst,
                windows=[list(k) for k in keys], created_at=now,
                expires_at=now + dt.timedelta(seconds=self.lease_ttl), status="open")
         return Reservation(res_id, worst, tokens, clamped, keys)
 
+    def _remember(self, windows: list[tuple[dict[str, Any], dict[str, Any]]], adding: float) -> None:
+        """Note the headroom each window has once ``adding`` is reserved (the routing pre-filter's view)."""
+        seen_at = time.monotonic()
+        for b, w in windows:
+            self._seen[b["id"]] = (b["limit_usd"] - w["spent_usd"] - w["reserved_usd"] - adding, seen_at)
+
+    def _warning_due(self, budget: dict[str, Any], window: dict[str, Any], adding: float) -> bool:
+        """Whether reserving ``adding`` takes a window past its soft threshold for the first time."""
+        if window["warned"] or not budget["limit_usd"]:
+            return False
+        used = window["spent_usd"] + window["reserved_usd"] + adding
+        return used / budget["limit_usd"] >= (budget["soft_threshold"] or self.soft_threshold)
+
     def _soft_warning(self, tx: Tx, budget: dict[str, Any], window: dict[str, Any], adding: float,
                       call_id: str, now: dt.datetime) -> None:
-        threshold = budget["soft_threshold"] or self.soft_threshold
-        if window["warned"] or not budget["limit_usd"]:
+        """Record the soft-threshold warning of a window, once: whoever flips ``warned`` first records it."""
+        if not self._warning_due(budget, window, adding):
             return
+        if tx.one("budget_windows.warn_once", _q_warn_once, budget_id=budget["id"],
+                  start=window["window_start"]) is None:
+            return
+        threshold = budget["soft_threshold"] or self.soft_threshold
         used = window["spent_usd"] + window["reserved_usd"] + adding
-        if used / budget["limit_usd"] >= threshold:
-            tx.run("budget_windows.warned", _q_warned, budget_id=budget["id"], start=window["window_start"])
-            self._event(tx, now, budget["id"], "soft_threshold",
-                        {"scope": budget["scope"], "name": budget["name"], "period": budget["period"],
-                         "limit_usd": budget["limit_usd"], "used_usd": used, "threshold": threshold,
-                         "call_id": call_id})
-            log.warning("%s %r passed %.0f%% of its %s %s budget", budget["scope"], budget["name"],
-                        threshold * 100, usd(budget["limit_usd"]), budget["period"])
+        self.record_event(tx, now, budget["id"], "soft_threshold",
+                    {"scope": budget["scope"], "name": budget["name"], "period": budget["period"],
+                     "limit_usd": budget["limit_usd"], "used_usd": used, "threshold": threshold,
+                     "call_id": call_id})
+        log.warning("%s %r passed %.0f%% of its %s %s budget", budget["scope"], budget["name"],
+                    threshold * 100, usd(budget["limit_usd"]), budget["period"])
 
     def _add(self, tx: Tx, windows: Any, *, spent: float = 0.0, reserved: float = 0.0) -> None:
         for budget_id, start in windows:
-            start_dt = _aware(dt.datetime.fromisoformat(start)) if isinstance(start, str) else start
-            tx.run("budget_windows.add", _q_add, budget_id=budget_id, start=start_dt, spent=spent, reserved=reserved)
+            tx.run("budget_windows.add", _q_add, budget_id=budget_id, start=as_utc(start), spent=spent,
+                   reserved=reserved)
 
     def settle(self, tx: Any, reservation_id: str, actual_usd: float, now: dt.datetime, *,
                status: str = "settled") -> None:
@@ -451,8 +435,7 @@ class BudgetLedger:
         starts = self._starts(utcnow())
         with self._store.tx(write=False) as tx:
             rows = tx.all("budgets.headroom", _q_headroom, department=ctx.department, user=ctx.user_id,
-                          route=route, model=model, day=starts["day"], week=starts["week"],
-                          month=starts["month"], total=starts["total"])
+                          route=route, model=model, **starts)
         if not rows:
             return None
         return min(limit - (spent or 0.0) - (reserved or 0.0) for limit, spent, reserved in rows)
@@ -515,6 +498,13 @@ class BudgetLedger:
 _BUDGET_COLS = ("id", "scope", "name", "period", "limit_usd", "soft_threshold")
 
 
+def _window_pair(row: Any, starts: dict[str, dt.datetime]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(budget, window)`` from a row of the budget columns followed by spent, reserved and warned."""
+    budget = dict(zip(_BUDGET_COLS, row[:6]))
+    return budget, {"window_start": starts[budget["period"]], "spent_usd": row[6], "reserved_usd": row[7],
+                    "warned": bool(row[8])}
+
+
 def _applicable_where() -> Any:
     b = budgets.c
     return sa.or_(b.scope == "org",
@@ -522,10 +512,6 @@ def _applicable_where() -> Any:
                   sa.and_(b.scope == "user", b.name == sa.bindparam("user")),
                   sa.and_(b.scope == "route", b.name == sa.bindparam("route")),
                   sa.and_(b.scope == "model", b.name == sa.bindparam("model")))
-
-
-def _q_applicable() -> Any:
-    return sa.select(*(budgets.c[c] for c in _BUDGET_COLS)).where(_applicable_where()).order_by(budgets.c.id)
 
 
 def _period_start() -> Any:
@@ -576,10 +562,6 @@ def _q_add() -> Any:
         reserved_usd=w.reserved_usd + sa.bindparam("reserved", type_=sa.Float))
 
 
-def _q_warned() -> Any:
-    return budget_windows.update().where(_window_key()).values(warned=True)
-
-
 def _q_warn_once() -> Any:
     w = budget_windows.c
     return budget_windows.update().where(_window_key(), w.warned == sa.false()).values(warned=True).returning(
@@ -592,7 +574,8 @@ _PG_APPLICABLE = """(b.scope = 'org' OR (b.scope = 'department' AND b.name = %(d
 
 #: see BudgetLedger.reserve_in_one_statement. In READ COMMITTED, FOR UPDATE returns the newest version of
 #: each window once its lock is held, and the UPDATE re-reads that version: the check and the addition
-#: both see every reservation committed before this one.
+#: both see every reservation committed before this one. Data-modifying CTEs run whether or not the
+#: final SELECT reads them.
 _PG_RESERVE = f"""
 WITH lock AS (
     SELECT b.id AS budget_id, b.scope, b.name, b.period, b.limit_usd, b.soft_threshold,
@@ -612,7 +595,6 @@ WITH lock AS (
     UPDATE budget_windows w SET reserved_usd = w.reserved_usd + %(worst)s
     FROM lock WHERE w.budget_id = lock.budget_id AND w.window_start = lock.window_start
         AND (SELECT ok FROM verdict)
-    RETURNING 1
 ), res AS (
     INSERT INTO reservations (id, call_id, amount_usd, windows, created_at, expires_at, status)
     SELECT %(res_id)s, %(call_id)s, %(worst)s,
@@ -621,7 +603,6 @@ WITH lock AS (
                             ORDER BY budget_id) FROM lock),
            %(now)s, %(expires)s, 'open'
     WHERE (SELECT ok AND locked > 0 FROM verdict)
-    RETURNING 1
 ), ins AS (
     INSERT INTO llm_calls (id, started_at, call_type, user_id, department, use_case, data_sensitivity,
                            requested_model, route, status, stream, reserved_usd, price_id)
@@ -634,8 +615,7 @@ WITH lock AS (
 SELECT (SELECT ok FROM verdict) AND (SELECT count(*) FROM ins) = 1,
        (SELECT locked FROM verdict),
        (SELECT json_agg(json_build_array(budget_id, scope, name, period, limit_usd, soft_threshold, spent_usd,
-                                         reserved_usd, warned)) FROM lock),
-       (SELECT count(*) FROM upd), (SELECT count(*) FROM res)
+                                         reserved_usd, warned)) FROM lock)
 """
 
 

@@ -252,6 +252,8 @@ class Governor:
         out_tokens = 0 if is_embedding else int(max_tokens or self.settings.default_max_tokens)
         if mock and not is_embedding:
             out_tokens = max(out_tokens, MOCK_COMPLETION_TOKENS)
+        #: answer tokens the reservation pays for (a completion reserves at least one)
+        reserve_tokens = out_tokens if is_embedding else max(out_tokens, 1)
         from tidyllm.governance.budgets import Refusal
 
         if price is not None and price.id is None:
@@ -261,7 +263,7 @@ class Governor:
                 and not self.budgets.expiry_due():
             admission = self._admit_in_one_statement(
                 ctx=ctx, route=route, requested_model=requested_model, call_type=call_type, price=price,
-                prompt_tokens=prompt_tokens, out_tokens=out_tokens, is_embedding=is_embedding, stream=stream,
+                prompt_tokens=prompt_tokens, out_tokens=out_tokens, reserve_tokens=reserve_tokens, stream=stream,
                 call_id=call_id, now=now, extra=extra)
             if admission is not None:
                 self.listeners_done[call_id] = threading.Event()
@@ -275,7 +277,7 @@ class Governor:
                 refusal = (RateLimitedError(limited[0], retry_after=limited[1]), None)
             elif price is None:
                 policy = self.settings.unpriced_by_department.get(ctx.department or "", self.settings.unpriced)
-                if policy == "refuse" and self.budgets.applicable_in(tx, ctx, route, requested_model):
+                if policy == "refuse" and self.budgets.count_enclosing(tx, ctx, route, requested_model):
                     refusal = (UnpricedModelError(
                         f"{route!r} has no price and {ctx.department or 'this call'} is under a budget; add "
                         f"one (prices: in tidyllm.yaml or platform.prices.set({route!r}, input_per_1m, "
@@ -285,7 +287,7 @@ class Governor:
                 reservation = self.budgets.reserve(
                     tx, call_id=call_id, ctx=ctx, route=route, model=requested_model,
                     prompt_cost_usd=prompt_tokens * price.input_per_1m / 1e6,
-                    output_cost_per_token=per_token_out, max_tokens=max(out_tokens, 1 if not is_embedding else 0),
+                    output_cost_per_token=per_token_out, max_tokens=reserve_tokens,
                     now=now)
                 if isinstance(reservation, Refusal):
                     err = BudgetExceededError(reservation.message(), scope=reservation.scope,
@@ -321,13 +323,12 @@ class Governor:
         return admission
 
     def _admit_in_one_statement(self, *, ctx: CallContext, route: str, requested_model: str, call_type: str,
-                                price: "Price", prompt_tokens: int, out_tokens: int, is_embedding: bool,
+                                price: "Price", prompt_tokens: int, out_tokens: int, reserve_tokens: int,
                                 stream: bool, call_id: str, now: dt.datetime,
                                 extra: Mapping[str, Any] | None) -> Admission | None:
         """The common case on PostgreSQL — priced, no rate limit, the whole worst case fits — in one
         round trip (:meth:`BudgetLedger.reserve_in_one_statement`); None when the general path must decide."""
-        max_tokens = max(out_tokens, 1 if not is_embedding else 0)
-        worst = prompt_tokens * price.input_per_1m / 1e6 + max_tokens * price.output_per_1m / 1e6
+        worst = prompt_tokens * price.input_per_1m / 1e6 + reserve_tokens * price.output_per_1m / 1e6
         reservation_id = self.budgets.reserve_in_one_statement(
             call_id=call_id, ctx=ctx, route=route, model=requested_model, worst=worst, now=now,
             call_row={"call_type": call_type, "user_id": ctx.user_id, "use_case": ctx.use_case,
@@ -338,7 +339,7 @@ class Governor:
         return Admission(
             call_id=call_id, route=route, requested_model=requested_model, call_type=call_type,
             context=ctx.as_dict(), started_at=now.isoformat(),
-            max_tokens=max_tokens if reservation_id else out_tokens, clamped=False,
+            max_tokens=reserve_tokens if reservation_id else out_tokens, clamped=False,
             reservation_id=reservation_id or None, reserved_usd=worst if reservation_id else 0.0,
             price_id=price.id, input_per_1m=price.input_per_1m, output_per_1m=price.output_per_1m,
             extra=dict(extra or {}))
@@ -384,8 +385,8 @@ class Governor:
             "decision": "refused", "rule": getattr(error, "rule", "governance"), "status": "refused",
             "error": f"{type(error).__name__}: {error}", **self.content_fields(messages, tools)})
         if budget_id is not None:
-            self.budgets._event(tx, now, budget_id, "refused",
-                                {"call_id": call_id, "department": ctx.department, "user_id": ctx.user_id})
+            self.budgets.record_event(tx, now, budget_id, "refused",
+                                      {"call_id": call_id, "department": ctx.department, "user_id": ctx.user_id})
 
     def refuse_metadata(self, error: MetadataError, *, metadata: Any, route: str, requested_model: str,
                         call_type: str, messages: Any, call_id: str | None = None) -> None:

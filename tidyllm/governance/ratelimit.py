@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from tidyllm.errors import ConfigurationError
 from tidyllm.mart.schema import rate_events
+from tidyllm.mart.store import as_utc
 
 if TYPE_CHECKING:
     from tidyllm.governance.context import CallContext
@@ -85,21 +86,12 @@ class RateLimiter:
             elif limit.tpm is not None and used + tokens > limit.tpm:
                 over = f"{limit.tpm} tokens per minute ({used} used, this call may use {tokens})"
             if over:
-                oldest = _as_utc(oldest)
+                oldest = as_utc(oldest)
                 retry = max(0.0, ((oldest or now) + _WINDOW - now).total_seconds())
                 return (f"{limit.scope} {value!r} reached its limit of {over}; retry after {retry:.1f} s", retry)
         tx.run("rate_events.insert", _q_insert, id=str(uuid.uuid4()), at=now, user_id=ctx.user_id,
                department=ctx.department, route=route, tokens=int(tokens))
         return None
-
-
-def _as_utc(value: Any) -> dt.datetime | None:
-    """A timestamp read with the driver: SQLite gives SQLAlchemy's text form, psycopg an aware datetime."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = dt.datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
 def _q_prune() -> Any:

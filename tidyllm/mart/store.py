@@ -26,7 +26,7 @@ from tidyllm.mart.schema import metadata
 if TYPE_CHECKING:
     from tidyllm.mart.fastsql import Prepared, Tx
 
-__all__ = ["Store", "HEAD_REVISION", "utcnow", "dumps"]
+__all__ = ["Store", "HEAD_REVISION", "utcnow", "as_utc", "dumps"]
 
 #: the newest migration this code knows; a database stamped with anything else is older or newer
 HEAD_REVISION = "0002"
@@ -36,6 +36,16 @@ _REVISIONS = ("0001", "0002")
 def utcnow() -> dt.datetime:
     """The current time, timezone-aware UTC."""
     return dt.datetime.now(dt.timezone.utc)
+
+
+def as_utc(value: "dt.datetime | str | None") -> "dt.datetime | None":
+    """A stored timestamp as an aware UTC datetime: SQLite gives naive datetimes or SQLAlchemy's text
+    form (both UTC), PostgreSQL aware ones."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
 def _default(value: Any) -> Any:
@@ -145,10 +155,22 @@ class Store:
                     conn = conn.execution_options(sqlite_immediate=True)
                 with conn.begin():
                     yield conn
-        except sa.exc.OperationalError as exc:
-            raise StorageError(f"database error on {self.safe_url}: {exc.orig}") from exc
         except sa.exc.DBAPIError as exc:
             raise StorageError(f"database error on {self.safe_url}: {exc.orig}") from exc
+
+    @contextlib.contextmanager
+    def _raw(self) -> Iterator[Any]:
+        """A pooled DBAPI connection, returned to the pool afterwards; driver errors become StorageError."""
+        try:
+            raw = self.engine.raw_connection()
+        except sa.exc.DBAPIError as exc:
+            raise StorageError(f"database error on {self.safe_url}: {exc.orig}") from exc
+        try:
+            yield raw
+        except self.engine.dialect.loaded_dbapi.Error as exc:
+            raise StorageError(f"database error on {self.safe_url}: {exc}") from exc
+        finally:
+            raw.close()
 
     @contextlib.contextmanager
     def tx(self, *, write: bool = True) -> Iterator["Tx"]:
@@ -159,26 +181,16 @@ class Store:
         ``write=True`` takes SQLite's write lock up front, as :meth:`begin` does."""
         from tidyllm.mart.fastsql import Tx
 
-        dbapi_error = self.engine.dialect.loaded_dbapi.Error
-        with self._write_lock if write else contextlib.nullcontext():
+        with self._write_lock if write else contextlib.nullcontext(), self._raw() as raw:
+            cursor = raw.driver_connection.cursor()
+            if self.dialect == "sqlite":
+                cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
-                raw = self.engine.raw_connection()
-            except sa.exc.DBAPIError as exc:
-                raise StorageError(f"database error on {self.safe_url}: {exc.orig}") from exc
-            try:
-                cursor = raw.driver_connection.cursor()
-                if self.dialect == "sqlite":
-                    cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                try:
-                    yield Tx(cursor, self)
-                except BaseException:
-                    raw.rollback()
-                    raise
-                raw.commit()
-            except dbapi_error as exc:
-                raise StorageError(f"database error on {self.safe_url}: {exc}") from exc
-            finally:
-                raw.close()
+                yield Tx(cursor, self)
+            except BaseException:
+                raw.rollback()
+                raise
+            raw.commit()
 
     @contextlib.contextmanager
     def autocommit(self) -> Iterator[Any]:
@@ -186,23 +198,14 @@ class Store:
         statements that do a whole transaction's work in one round trip."""
         if self.dialect != "postgresql":
             raise StorageError("autocommit statements are used on PostgreSQL only")
-        dbapi_error = self.engine.dialect.loaded_dbapi.Error
-        try:
-            raw = self.engine.raw_connection()
-        except sa.exc.DBAPIError as exc:
-            raise StorageError(f"database error on {self.safe_url}: {exc.orig}") from exc
-        conn = raw.driver_connection
-        try:
+        with self._raw() as raw:
+            conn = raw.driver_connection
             conn.autocommit = True
-            with conn.cursor() as cursor:
-                yield cursor
-        except dbapi_error as exc:
-            raise StorageError(f"database error on {self.safe_url}: {exc}") from exc
-        finally:
             try:
-                conn.autocommit = False
+                with conn.cursor() as cursor:
+                    yield cursor
             finally:
-                raw.close()
+                conn.autocommit = False
 
     def prepared(self, key: str, build: Any) -> "Prepared":
         """The statement ``key`` compiled for this database (``build()`` makes it the first time)."""
@@ -287,9 +290,6 @@ class Store:
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
-
-
-_local = threading.local()
 
 
 def _configure_sqlite(engine: Engine) -> None:
