@@ -99,7 +99,7 @@ class TidyMart:
         row = {"id": outcome_id, "recorded_at": utcnow(), "module": module, "operation": outcome.get("operation"),
                "context": dict(context), "parameters": dict(parameters), "performance_score": score,
                "call_id": outcome.get("call_id"), "data": data}
-        with self.store.begin() as conn:
+        with self.store.begin(write=True) as conn:
             conn.execute(outcomes.insert().values(**row))
         for learner in list(self._learners):
             learner(row)

@@ -128,7 +128,7 @@ class BanditChooser:
         quality = record.reported_quality if record.ok else None
         value = self._reward(features.get("department"), quality, cost, record.latency_ms, failed)
         now = utcnow()
-        with self.mart.store.begin() as conn:
+        with self.mart.store.begin(write=True) as conn:
             conn.execute(routing_decisions.insert().values(
                 id=str(uuid.uuid4()), call_id=admission.call_id, decided_at=_parse(admission.started_at),
                 department=features.get("department"), use_case=features.get("use_case"),
@@ -154,7 +154,9 @@ class BanditChooser:
         score = outcome.get("performance_score")
         if not call_id or score is None or outcome.get("module") != "gateway":
             return
-        with self.mart.store.begin() as conn:
+        # read, then write: a write transaction from the start (a deferred one that read first cannot
+        # take SQLite's write lock once another connection has written, and fails at once as "locked")
+        with self.mart.store.begin(write=True) as conn:
             row = conn.execute(sa.select(routing_decisions).where(routing_decisions.c.call_id == call_id)
                                .order_by(routing_decisions.c.decided_at.desc())).mappings().first()
             if row is None or row["failed"]:
