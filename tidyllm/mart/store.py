@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import sqlite3
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -78,7 +79,13 @@ class Store:
         # SQLite has one writer at a time; threads of this process queue on this lock instead of
         # SQLite's busy handler, which sleeps in steps of milliseconds (other processes still use it)
         self._write_lock: Any = threading.RLock() if self.dialect == "sqlite" else contextlib.nullcontext()
+        self._lock = threading.Lock()
         self._prepared: dict[str, Any] = {}
+        # SQLite: the hot-path transactions (tx()) of each thread run on that thread's own connection,
+        # kept open; a pool checkout and its reset-on-return cost more than the statements themselves
+        self._local = threading.local()
+        self._thread_conns: dict[threading.Thread, Any] = {}
+        self._generation = 0
         try:
             self._ensure_schema(upgrade)
         except BaseException:
@@ -181,6 +188,26 @@ class Store:
         ``write=True`` takes SQLite's write lock up front, as :meth:`begin` does."""
         from tidyllm.mart.fastsql import Tx
 
+        if self.dialect == "sqlite" and not getattr(self._local, "busy", False):
+            with self._write_lock if write else contextlib.nullcontext():
+                conn = self._thread_connection()
+                self._local.busy = True
+                try:
+                    cursor = conn.cursor()
+                    cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                    try:
+                        yield Tx(cursor, self)
+                        cursor.execute("COMMIT")
+                    except BaseException:
+                        if conn.in_transaction:
+                            with contextlib.suppress(sqlite3.Error):
+                                conn.rollback()
+                        raise
+                except sqlite3.Error as exc:
+                    raise StorageError(f"database error on {self.safe_url}: {exc}") from exc
+                finally:
+                    self._local.busy = False
+            return
         with self._write_lock if write else contextlib.nullcontext(), self._raw() as raw:
             cursor = raw.driver_connection.cursor()
             if self.dialect == "sqlite":
@@ -191,6 +218,28 @@ class Store:
                 raw.rollback()
                 raise
             raw.commit()
+
+    def _thread_connection(self) -> Any:
+        """This thread's own SQLite connection (made on first use, and again after a fork or dispose())."""
+        local = self._local
+        key = (os.getpid(), self._generation)
+        if getattr(local, "key", None) == key:
+            return local.conn
+        import sqlite3
+
+        conn = sqlite3.connect(self.engine.url.database, timeout=60, check_same_thread=False,
+                               isolation_level=None)
+        _sqlite_pragmas(conn)
+        with self._lock:
+            for thread in [t for t in self._thread_conns if not t.is_alive()]:
+                with contextlib.suppress(Exception):
+                    self._thread_conns.pop(thread).close()
+            if local.__dict__.get("key", (None,))[0] == os.getpid() and local.__dict__.get("conn") is not None:
+                with contextlib.suppress(Exception):
+                    local.conn.close()
+            self._thread_conns[threading.current_thread()] = conn
+        local.conn, local.key = conn, key
+        return conn
 
     @contextlib.contextmanager
     def autocommit(self) -> Iterator[Any]:
@@ -288,8 +337,23 @@ class Store:
         return HEAD_REVISION
 
     def dispose(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection (and the threads' own SQLite connections)."""
+        with self._lock:
+            self._generation += 1
+            conns, self._thread_conns = list(self._thread_conns.values()), {}
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                conn.close()
         self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=60000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -298,12 +362,7 @@ def _configure_sqlite(engine: Engine) -> None:
         # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin (the documented recipe),
         # so BEGIN IMMEDIATE can take the write lock up front.
         dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA busy_timeout=60000")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.close()
+        _sqlite_pragmas(dbapi_conn)
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
