@@ -125,3 +125,58 @@ def test_an_image_is_reserved_by_its_token_cost_not_its_base64_length() -> None:
     assert estimate < len(picture) / 100  # was one token per two characters of the base64 text
     two = estimate_prompt_tokens("gpt-4o", messages=[with_image[0], with_image[0]])
     assert two >= 2 * IMAGE_TOKENS + base
+
+
+def test_sqlite_write_transactions_share_one_process_connection(tmp_path: Any) -> None:
+    """SQLite write transactions of tx() run on one kept connection of the process, from any thread; a nested
+    one is a clear error; an error rolls back and becomes a StorageError; dispose() closes the connection; a
+    forked child opens its own."""
+    import os
+    import sqlite3
+
+    from tidyllm.errors import StorageError
+    from tidyllm.mart import TidyMart
+
+    mart = TidyMart(f"sqlite:///{tmp_path / 'm.db'}")
+    store = mart.store
+    seen: list[int] = []
+
+    def write(n: int) -> None:
+        with store.tx() as tx:
+            seen.append(id(tx.cursor.connection))
+            tx.cursor.execute("INSERT INTO budget_events (id, at, kind, data) VALUES (?, ?, 'test', '{}')",
+                              (f"e{n}", "2026-01-01 00:00:00.000000"))
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    write(4)
+    assert len(set(seen)) == 1  # one connection for every thread
+    with pytest.raises(StorageError, match="already open in this thread"):
+        with store.tx():
+            with store.tx():  # would wait for itself for the whole busy timeout: a clear error at once
+                pass
+    with pytest.raises(StorageError, match="UNIQUE"):
+        with store.tx() as tx:
+            tx.cursor.execute("INSERT INTO budget_events (id, at, kind, data) VALUES ('e5', '2026-01-01', 't', '{}')")
+            tx.cursor.execute("INSERT INTO budget_events (id, at, kind, data) VALUES ('e0', '2026-01-01', 't', '{}')")
+    count = mart.sql("SELECT COUNT(*) AS n FROM budget_events")["n"].iloc[0]
+    assert count == 5  # the failed transaction left nothing (e5 rolled back with it)
+    first = store._hot[2]
+    if hasattr(os, "fork"):
+        pid = os.fork()
+        if pid == 0:  # the child must not use its parent's connection
+            code = 0
+            try:
+                write(99)
+                code = 0 if store._hot[2] is not first and store._hot[0] == os.getpid() else 3
+            except BaseException:  # noqa: BLE001
+                code = 4
+            os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert mart.sql("SELECT COUNT(*) AS n FROM budget_events WHERE id = 'e99'")["n"].iloc[0] == 1
+    mart.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        first.execute("SELECT 1")  # dispose() closed it

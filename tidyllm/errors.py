@@ -167,6 +167,8 @@ def _build() -> None:
     for cls in (BudgetExceededError, RouteNotAuthorizedError, RateLimitedError, MetadataError, UnpricedModelError):
         cls.__module__ = __name__
         _built[cls.__name__] = cls
+        # module attributes from now on: later imports find them without calling __getattr__
+        globals()[cls.__name__] = cls
 
 
 def __getattr__(name: str) -> type:

@@ -13,6 +13,7 @@ returns to the budget.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import math
 import time
@@ -131,6 +132,8 @@ class BudgetLedger:
         #: budget id -> (headroom the last reservation in this process left, monotonic time seen)
         self._seen: dict[str, tuple[float, float]] = {}
         self._starts_cache: tuple[dt.datetime, dt.datetime, dict[str, dt.datetime]] | None = None
+        #: (department, user, route, model, day) -> the lock statement's driver parameters
+        self._lock_params: dict[tuple[Any, ...], Any] = {}
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -303,12 +306,21 @@ class BudgetLedger:
         new budget, creates the windows and locks again."""
         tx = Tx.of(tx, self._store)
         starts = self._starts(now)
-        params = dict(department=ctx.department, user=ctx.user_id, route=route, model=model, **starts)
-        rows = tx.all("budget_windows.lock", _q_lock_windows, **params)
+        # the driver parameters of the lock depend only on who calls what, and the day: kept per process
+        key = (ctx.department, ctx.user_id, route, model, starts["day"])
+        lock = self._store.prepared("budget_windows.lock", _q_lock_windows)
+        driver_params = self._lock_params.get(key)
+        if driver_params is None:
+            if len(self._lock_params) > 4096:
+                self._lock_params.clear()
+            driver_params = self._lock_params[key] = lock.params(
+                dict(department=ctx.department, user=ctx.user_id, route=route, model=model, **starts))
+        rows = tx.cursor.execute(lock.sql, driver_params).fetchall()
         enclosing = rows[0][-1] if rows else self.count_enclosing(tx, ctx, route, model)
         if len(rows) < enclosing:
-            tx.run("budget_windows.ensure", lambda: _q_ensure_windows(self._store.dialect), **params)
-            rows = tx.all("budget_windows.lock", _q_lock_windows, **params)
+            tx.run("budget_windows.ensure", lambda: _q_ensure_windows(self._store.dialect),
+                   department=ctx.department, user=ctx.user_id, route=route, model=model, **starts)
+            rows = tx.cursor.execute(lock.sql, driver_params).fetchall()
         return [_window_pair(row, starts) for row in rows]
 
     def reserve(self, tx: Any, *, call_id: str, ctx: "CallContext", route: str | None,
@@ -341,7 +353,7 @@ class BudgetLedger:
                 self._remember(windows, 0.0)
                 return Refusal(tight_b["id"], tight_b["scope"], tight_b["name"], tight_b["period"],
                                tight_b["limit_usd"], tight_w["spent_usd"], tight_w["reserved_usd"], worst)
-        keys = tuple((b["id"], w["window_start"].isoformat()) for b, w in windows)
+        keys = tuple((b["id"], _iso(w["window_start"])) for b, w in windows)
         res_id = str(uuid.uuid4())
         for budget, window in windows:
             tx.run("budget_windows.add", _q_add, budget_id=budget["id"], start=window["window_start"], spent=0.0,
@@ -496,6 +508,12 @@ class BudgetLedger:
 # --- prepared statements (compiled once per database; see tidyllm.mart.fastsql) -------------------
 
 _BUDGET_COLS = ("id", "scope", "name", "period", "limit_usd", "soft_threshold")
+
+
+@functools.lru_cache(maxsize=256)
+def _iso(start: dt.datetime) -> str:
+    """A window start as the ISO text a reservation records (window starts repeat for a whole period)."""
+    return start.isoformat()
 
 
 def _window_pair(row: Any, starts: dict[str, dt.datetime]) -> tuple[dict[str, Any], dict[str, Any]]:

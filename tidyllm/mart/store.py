@@ -79,12 +79,13 @@ class Store:
         # SQLite has one writer at a time; threads of this process queue on this lock instead of
         # SQLite's busy handler, which sleeps in steps of milliseconds (other processes still use it)
         self._write_lock: Any = threading.RLock() if self.dialect == "sqlite" else contextlib.nullcontext()
-        self._lock = threading.Lock()
         self._prepared: dict[str, Any] = {}
-        # SQLite: the hot-path transactions (tx()) of each thread run on that thread's own connection,
-        # kept open; a pool checkout and its reset-on-return cost more than the statements themselves
-        self._local = threading.local()
-        self._thread_conns: dict[threading.Thread, Any] = {}
+        # SQLite: every write transaction of tx() runs on one connection of this process, kept open and
+        # used under the write lock. A pool checkout and its reset cost more than the statements, and
+        # a connection whose database another connection wrote must drop its page cache: with one
+        # connection for the admitting and the settling threads, the cache stays warm.
+        self._hot: tuple[int, int, Any] | None = None
+        self._hot_busy = False
         self._generation = 0
         try:
             self._ensure_schema(upgrade)
@@ -181,20 +182,25 @@ class Store:
 
     @contextlib.contextmanager
     def tx(self, *, write: bool = True) -> Iterator["Tx"]:
-        """A transaction on a pooled DBAPI connection, for prepared statements (:mod:`tidyllm.mart.fastsql`).
+        """A transaction on a DBAPI connection, for prepared statements (:mod:`tidyllm.mart.fastsql`).
 
         The hot paths (admitting and settling governed calls) use it: no SQL is built per call,
         and on PostgreSQL psycopg prepares each statement on the server after a few executions.
-        ``write=True`` takes SQLite's write lock up front, as :meth:`begin` does."""
+        ``write=True`` takes SQLite's write lock up front, as :meth:`begin` does, and runs on the
+        process's own SQLite connection (see ``_hot_connection``); anything else uses the pool."""
         from tidyllm.mart.fastsql import Tx
 
-        if self.dialect == "sqlite" and not getattr(self._local, "busy", False):
-            with self._write_lock if write else contextlib.nullcontext():
-                conn = self._thread_connection()
-                self._local.busy = True
+        if self.dialect == "sqlite" and write:
+            with self._write_lock:
+                if self._hot_busy:
+                    # only this thread can be inside the write lock: a second writer would wait for itself
+                    raise StorageError("a SQLite write transaction is already open in this thread; "
+                                       "do the work inside it instead of opening another")
+                conn = self._hot_connection()
+                self._hot_busy = True
                 try:
                     cursor = conn.cursor()
-                    cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                    cursor.execute("BEGIN IMMEDIATE")
                     try:
                         yield Tx(cursor, self)
                         cursor.execute("COMMIT")
@@ -206,7 +212,7 @@ class Store:
                 except sqlite3.Error as exc:
                     raise StorageError(f"database error on {self.safe_url}: {exc}") from exc
                 finally:
-                    self._local.busy = False
+                    self._hot_busy = False
             return
         with self._write_lock if write else contextlib.nullcontext(), self._raw() as raw:
             cursor = raw.driver_connection.cursor()
@@ -219,26 +225,16 @@ class Store:
                 raise
             raw.commit()
 
-    def _thread_connection(self) -> Any:
-        """This thread's own SQLite connection (made on first use, and again after a fork or dispose())."""
-        local = self._local
+    def _hot_connection(self) -> Any:
+        """This process's SQLite connection for tx() (made on first use, and again after a fork or
+        dispose()); the caller holds the write lock."""
         key = (os.getpid(), self._generation)
-        if getattr(local, "key", None) == key:
-            return local.conn
-        import sqlite3
-
+        if self._hot is not None and self._hot[:2] == key:
+            return self._hot[2]
         conn = sqlite3.connect(self.engine.url.database, timeout=60, check_same_thread=False,
                                isolation_level=None)
         _sqlite_pragmas(conn)
-        with self._lock:
-            for thread in [t for t in self._thread_conns if not t.is_alive()]:
-                with contextlib.suppress(Exception):
-                    self._thread_conns.pop(thread).close()
-            if local.__dict__.get("key", (None,))[0] == os.getpid() and local.__dict__.get("conn") is not None:
-                with contextlib.suppress(Exception):
-                    local.conn.close()
-            self._thread_conns[threading.current_thread()] = conn
-        local.conn, local.key = conn, key
+        self._hot = (*key, conn)
         return conn
 
     @contextlib.contextmanager
@@ -338,12 +334,12 @@ class Store:
 
     def dispose(self) -> None:
         """Close every pooled connection (and the threads' own SQLite connections)."""
-        with self._lock:
+        with self._write_lock:
             self._generation += 1
-            conns, self._thread_conns = list(self._thread_conns.values()), {}
-        for conn in conns:
-            with contextlib.suppress(Exception):
-                conn.close()
+            hot, self._hot = self._hot, None
+            if hot is not None and hot[0] == os.getpid():
+                with contextlib.suppress(Exception):
+                    hot[2].close()
         self.engine.dispose()
 
 
