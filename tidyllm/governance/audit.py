@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 from tidyllm.errors import ConfigurationError
 from tidyllm.mart.fastsql import Tx
 from tidyllm.mart.schema import audit_head, audit_log
+from tidyllm.mart.store import dumps
 from tidyllm.redact import redact
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ __all__ = ["AuditTrail", "VerifyResult", "GENESIS", "content_digest"]
 
 GENESIS = "0" * 64
 _CHAINED = [c.name for c in audit_log.columns if c.name not in ("seq", "digest")]
+_JSON_COLUMNS = ("content", "tools", "extra")
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,17 @@ def _canon_value(value: Any) -> Any:
     return value
 
 
+def canonical_content(row: Mapping[str, Any]) -> str:
+    """A row's canonical content: its chained columns as sorted-key JSON, timestamps in UTC ISO form."""
+    return json.dumps({k: _canon_value(row.get(k)) for k in _CHAINED if k != "prev_digest"},
+                      sort_keys=True, separators=(",", ":"), default=str)
+
+
 def content_digest(prev_digest: str, row: Mapping[str, Any]) -> str:
-    """The digest a row with content ``row`` must have after ``prev_digest``."""
-    canonical = json.dumps({k: _canon_value(row.get(k)) for k in _CHAINED if k != "prev_digest"},
-                           sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256((prev_digest + "\n" + canonical).encode("utf-8")).hexdigest()
+    """The digest a row with content ``row`` must have after ``prev_digest``: SHA-256 of the previous
+    digest, a newline and the canonical content, in UTF-8 (PostgreSQL computes the same in
+    :meth:`AuditTrail.append_sql`)."""
+    return hashlib.sha256((prev_digest + "\n" + canonical_content(row)).encode("utf-8")).hexdigest()
 
 
 def hash_content(messages: Any) -> str:
@@ -100,13 +108,43 @@ class AuditTrail:
         out["tools"] = names or None
         return out
 
+    @staticmethod
+    def row_data(row: Mapping[str, Any]) -> dict[str, Any]:
+        """The chained columns of a new row (an id given, the error redacted)."""
+        data = {k: row.get(k) for k in _CHAINED if k not in ("prev_digest",)}
+        data["id"] = data.get("id") or str(uuid.uuid4())
+        data["error"] = redact(data.get("error"))
+        return data
+
+    def append_sql(self, row: Mapping[str, Any], when: str = "true") -> tuple[str, dict[str, Any]]:
+        """PostgreSQL: a CTE named ``aud`` that appends ``row`` (if the SQL condition ``when`` holds) after
+        the digest of a CTE named ``head`` (the chain head, locked ``FOR UPDATE`` by the caller's
+        statement), and one named ``adv`` that advances the head; with its parameters (prefixed ``a_``).
+        The server computes the digest from the same bytes :func:`content_digest` hashes."""
+        data = self.row_data(row)
+        params = {f"a_{k}": v for k, v in data.items()}
+        for k in _JSON_COLUMNS:
+            params[f"a_{k}"] = None if data.get(k) is None else dumps(data[k])
+        params["a_canonical"] = canonical_content(data).encode("utf-8")
+        cols = [c for c in _CHAINED if c != "prev_digest"]
+        values = ", ".join(f"%(a_{c})s::json" if c in _JSON_COLUMNS else f"%(a_{c})s" for c in cols)
+        sql = f"""aud AS (
+    INSERT INTO audit_log ({", ".join(cols)}, prev_digest, digest)
+    SELECT {values}, head.digest,
+           encode(sha256(convert_to(head.digest || E'\\n', 'UTF8') || %(a_canonical)s::bytea), 'hex')
+    FROM head WHERE {when}
+    RETURNING seq, digest
+), adv AS (
+    UPDATE audit_head h SET seq = aud.seq, digest = aud.digest, rows = h.rows + 1 FROM aud WHERE h.id = 1
+    RETURNING 1
+)"""
+        return sql, params
+
     def append(self, conn: Any, row: Mapping[str, Any]) -> dict[str, Any]:
         """Append one row in the caller's write transaction (a :class:`~tidyllm.mart.fastsql.Tx` or a
         SQLAlchemy connection); returns it with seq and digest."""
         tx = Tx.of(conn, self._store)
-        data = {k: row.get(k) for k in _CHAINED if k not in ("prev_digest",)}
-        data["id"] = data.get("id") or str(uuid.uuid4())
-        data["error"] = redact(data.get("error"))
+        data = self.row_data(row)
         head = tx.one("audit_head.lock", _q_lock_head)
         if head is None:
             tx.run("audit_head.create", lambda: _q_create_head(self._store.dialect))

@@ -523,32 +523,59 @@ class Governor:
                  "trace_experiment_id": trace.experiment_id if trace else None,
                  "tool_calls": [{"name": n, "arguments": a} for n, a in record.tool_calls]
                  if called and self.audit.capture == "full" else None}
+        audit_row = {
+            "call_id": admission.call_id, "recorded_at": now, "user_id": ctx.get("user_id"),
+            "department": ctx.get("department"), "audit_reason": ctx.get("audit_reason"),
+            "use_case": ctx.get("use_case"), "data_sensitivity": ctx.get("data_sensitivity"),
+            "requested_model": admission.requested_model, "route": admission.route, "decision": "allowed",
+            "rule": "clamped" if admission.clamped else None, "status": status,
+            "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
+            "cost_usd": cost, "latency_ms": record.latency_ms,
+            "error": f"{record.error_type}: {record.error_message}" if not record.ok else None,
+            "trace_id": trace.trace_id if trace else None,
+            "extra": {k: v for k, v in extra.items() if v is not None},
+            **self.content_fields(record.messages, record.tools, record.tool_calls)}
+        finish = dict(call_id=admission.call_id, ended=now, new_status=status, provider_model_=record.provider_model,
+                      prompt_tokens_=record.prompt_tokens, completion_tokens_=record.completion_tokens,
+                      cached_tokens_=record.cached_tokens, reasoning_tokens_=record.reasoning_tokens,
+                      cost=cost, latency=record.latency_ms, error_type_=record.error_type,
+                      error_message_=redact(record.error_message)[:4000] if record.error_message else None,
+                      outcome_=outcome, stream_=bool(record.stream))
+        if self.mart.store.dialect == "postgresql":
+            done = self._record_in_one_statement(admission, record, cost, finish, audit_row, settle=settle)
+            if done is not None:
+                self._forget_stream(admission.call_id)
+                return done
         with self.mart.store.tx() as tx:
-            updated = tx.one("llm_calls.finish", _q_finish_call, call_id=admission.call_id, ended=now,
-                             new_status=status, provider_model_=record.provider_model,
-                             prompt_tokens_=record.prompt_tokens, completion_tokens_=record.completion_tokens,
-                             cached_tokens_=record.cached_tokens, reasoning_tokens_=record.reasoning_tokens,
-                             cost=cost, latency=record.latency_ms, error_type_=record.error_type,
-                             error_message_=redact(record.error_message)[:4000] if record.error_message else None,
-                             outcome_=outcome, stream_=bool(record.stream))
+            updated = tx.one("llm_calls.finish", _q_finish_call, **finish)
             finished = updated is not None
             if finished:
                 if settle:
                     self._settle_reservation(tx, admission, record, cost)
-                self.audit.append(tx, {
-                    "call_id": admission.call_id, "recorded_at": now, "user_id": ctx.get("user_id"),
-                    "department": ctx.get("department"), "audit_reason": ctx.get("audit_reason"),
-                    "use_case": ctx.get("use_case"), "data_sensitivity": ctx.get("data_sensitivity"),
-                    "requested_model": admission.requested_model, "route": admission.route, "decision": "allowed",
-                    "rule": "clamped" if admission.clamped else None, "status": status,
-                    "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens,
-                    "cost_usd": cost, "latency_ms": record.latency_ms,
-                    "error": f"{record.error_type}: {record.error_message}" if not record.ok else None,
-                    "trace_id": trace.trace_id if trace else None,
-                    "extra": {k: v for k, v in extra.items() if v is not None},
-                    **self.content_fields(record.messages, record.tools, record.tool_calls)})
+                self.audit.append(tx, audit_row)
         self._forget_stream(admission.call_id)
         return finished
+
+    def _record_in_one_statement(self, admission: Admission, record: "CallRecord", cost: float | None,
+                                 finish: dict[str, Any], audit_row: dict[str, Any], *, settle: bool) -> bool | None:
+        """PostgreSQL: :meth:`_record` in one autocommit statement — finish the call row, settle or release
+        its reservation, append the audit row after the locked chain head and advance the head — instead of
+        nine round trips, so the head row (which serialises every append) is held for one statement.
+
+        None when the chain has no head yet (the first row ever): the general transaction creates it."""
+        audit_sql, params = self.audit.append_sql(audit_row, when="EXISTS (SELECT 1 FROM fin)")
+        release = not (record.ok or (cost or 0) > 0)
+        params.update({k.rstrip("_"): v for k, v in finish.items()})
+        params.update(rid=admission.reservation_id if settle else None, charge=0.0 if release else (cost or 0.0),
+                      res_status="released" if release else "settled")
+        with self.mart.store.autocommit() as cursor:
+            has_head, finished, amount = cursor.execute(_PG_RECORD.replace("{audit}", audit_sql), params).fetchone()
+        if not has_head:
+            return None
+        if finished and amount is not None and (cost or 0) > amount + 1e-12:
+            log.warning("call %s cost $%.6f, more than the $%.6f reserved for its worst case",
+                        admission.call_id, cost, amount)
+        return bool(finished)
 
     def _forget_stream(self, call_id: str) -> None:
         """A governed stream's call is settled: stop tracking it, and tell the stream."""
@@ -646,3 +673,47 @@ def _q_finish_call() -> Any:
         latency_ms=typed("latency", c.latency_ms), error_type=typed("error_type_", c.error_type),
         error_message=typed("error_message_", c.error_message), outcome=typed("outcome_", c.outcome),
         stream=typed("stream_", c.stream)).returning(c.id)
+
+
+#: see Governor._record_in_one_statement. Locks are taken in the order every other transaction takes them
+#: (the call row, its reservation, the budget windows in budget-id order, then the audit chain head), so
+#: settlements, admissions and refusals cannot deadlock: ``head`` reads ``win`` first, and ``fin`` — on
+#: which everything else depends — writes only when the chain has a head, so without one nothing is
+#: written and the general transaction creates it. In READ COMMITTED, FOR UPDATE returns the newest
+#: version of a row another transaction just changed, so concurrent appends chain in lock order.
+#: {audit} is AuditTrail.append_sql's ``aud`` and ``adv``.
+_PG_RECORD = """
+WITH fin AS (
+    UPDATE llm_calls SET ended_at = %(ended)s, status = %(new_status)s, provider_model = %(provider_model)s,
+        prompt_tokens = %(prompt_tokens)s, completion_tokens = %(completion_tokens)s,
+        cached_tokens = %(cached_tokens)s, reasoning_tokens = %(reasoning_tokens)s, cost_usd = %(cost)s,
+        latency_ms = %(latency)s, error_type = %(error_type)s, error_message = %(error_message)s,
+        outcome = %(outcome)s, stream = %(stream)s
+    WHERE id = %(call_id)s AND status = 'pending' AND EXISTS (SELECT 1 FROM audit_head WHERE id = 1)
+    RETURNING id
+), res AS (
+    SELECT r.id, r.amount_usd, r.windows, r.status FROM reservations r
+    WHERE r.id = %(rid)s AND r.status NOT IN ('settled', 'released') AND EXISTS (SELECT 1 FROM fin)
+    FOR UPDATE
+), wlock AS (
+    SELECT w.budget_id, w.window_start
+    FROM budget_windows w JOIN (SELECT e.pair->>0 AS budget_id, (e.pair->>1)::timestamptz AS window_start
+                                FROM res CROSS JOIN LATERAL json_array_elements(res.windows) AS e(pair)) k
+         ON w.budget_id = k.budget_id AND w.window_start = k.window_start
+    ORDER BY w.budget_id
+    FOR UPDATE OF w
+), win AS (
+    UPDATE budget_windows w SET spent_usd = w.spent_usd + %(charge)s,
+        reserved_usd = w.reserved_usd - CASE WHEN res.status = 'open' THEN res.amount_usd ELSE 0 END
+    FROM wlock, res WHERE w.budget_id = wlock.budget_id AND w.window_start = wlock.window_start
+    RETURNING 1
+), closed AS (
+    UPDATE reservations r SET status = %(res_status)s, settled_usd = %(charge)s, closed_at = %(ended)s
+    FROM res WHERE r.id = res.id
+    RETURNING 1
+), head AS (
+    SELECT digest FROM audit_head WHERE id = 1 AND (SELECT count(*) FROM win) >= 0 FOR UPDATE
+), {audit}
+SELECT (SELECT count(*) FROM fin) = 1 OR EXISTS (SELECT 1 FROM audit_head WHERE id = 1),
+       (SELECT count(*) FROM fin) = 1 AND (SELECT count(*) FROM aud) = 1, (SELECT amount_usd FROM res)
+"""
