@@ -180,3 +180,52 @@ def test_sqlite_write_transactions_share_one_process_connection(tmp_path: Any) -
     mart.close()
     with pytest.raises(sqlite3.ProgrammingError):
         first.execute("SELECT 1")  # dispose() closed it
+
+
+def test_settlement_chains_non_ascii_content_and_counts_a_call_once(db_url: str) -> None:
+    """The settlement (one statement on PostgreSQL, the digest computed by the server) writes rows that
+    verify with tidyllm's own digest, whatever the text; a second success event for the same call writes
+    nothing more; an edited row is still caught."""
+    from tidyllm._litellm import import_litellm
+    from tidyllm.records import CallRecord
+
+    litellm = import_litellm()
+    p = tidyllm.install(database_url=db_url, routing={"strategy": "cheapest"}, audit={"capture": "full"})
+    try:
+        p.prices.set("ep", 1.0, 2.0)
+        p.budgets.set("department", "risk", 10.0, "month")
+        router = p.govern(litellm.Router(model_list=[{
+            "model_name": "chat", "model_info": {"id": "ep"},
+            "litellm_params": {"model": "openai/ep", "mock_response": "Olá — ✓ 监管", "api_key": "x"}}]))
+        meta = {**META, "user_id": "josé", "audit_reason": "revisão ✓ 监管", "tidyllm_call_id": "unicode-1"}
+        router.completion(model="chat", messages=[{"role": "user", "content": "Résumé 😀 \\ \" 监管"}],
+                          max_tokens=8, metadata=meta)
+        row = p.wait_for_call("unicode-1")
+        assert row["status"] == "success" and row["cost_usd"] > 0
+        assert "unicode-1" not in p.governor.listeners_done  # the call's listeners ran
+        audit = p.audit.frame()
+        assert list(audit["call_id"]) == ["unicode-1"] and audit["user_id"].iloc[0] == "josé"
+        assert p.audit.verify().ok
+        status = p.budgets.status(scope="department", name="risk").iloc[0]
+        assert status["reserved_usd"] == pytest.approx(0.0, abs=1e-12)
+        assert status["spent_usd"] == pytest.approx(row["cost_usd"])
+        # LiteLLM delivering the success event twice: the second finds the call finished and writes nothing
+        stamp = {"call_id": "unicode-1", "route": "ep", "requested_model": "chat", "call_type": "completion",
+                 "context": {"department": "risk"}, "started_at": row["started_at"].isoformat(), "max_tokens": 8,
+                 "clamped": False, "reservation_id": None, "input_per_1m": 1.0, "output_per_1m": 2.0}
+        record = CallRecord(
+            ok=True, litellm_call_id=None, call_type="completion", stamp=stamp, metadata={}, model="ep",
+            model_id=None, model_group=None, provider=None, api_base=None, provider_model=None, stream=False,
+            prompt_tokens=1, completion_tokens=1, cached_tokens=None, reasoning_tokens=None, litellm_cost=None,
+            latency_ms=1.0, started_at=row["started_at"], ended_at=row["started_at"], error_type=None,
+            error_message=None, exception=None, messages=None, tools=None, mock=True, tool_calls=(), partial=False)
+        p.governor.finish(record)
+        assert len(p.audit.frame()) == 1
+        assert p.budgets.status(scope="department", name="risk").iloc[0]["spent_usd"] == pytest.approx(row["cost_usd"])
+        with p.mart.store.begin(write=True) as conn:
+            import sqlalchemy as sa
+
+            conn.execute(sa.text("UPDATE audit_log SET user_id = 'mallory'"))
+        assert not p.audit.verify().ok
+    finally:
+        tidyllm.uninstall()
