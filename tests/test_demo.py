@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 
 from tidyllm.demo import DEPARTMENTS, make_workload
 

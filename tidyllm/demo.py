@@ -477,7 +477,7 @@ def run_demo(*, requests: int = 1000, seed: int = 0, out: str | Path = "tidyllm-
     mode = "server" if server else "legacy"
     stack = LocalStack(mode=mode, latency_scale=latency_scale, seed=seed, settings=str(bundled_settings()),
                        data_dir=out_dir / "mlflow-server" if server else None, **overrides)
-    restore_logs: Callable[[], None] = lambda: None
+    restore_logs: Callable[[], None] = lambda: None  # noqa: E731 - replaced once the log file is set up
     try:
         echo(f"starting the provider simulator and an MLflow AI Gateway ({mode}) ...")
         _start(stack)

@@ -30,11 +30,11 @@ __all__ = [
     "StorageError",
     "SchemaVersionError",
     "GovernanceError",
-    "MetadataError",
-    "UnpricedModelError",
-    "BudgetExceededError",
-    "RouteNotAuthorizedError",
-    "RateLimitedError",
+    "MetadataError",  # noqa: F822 - built on first use (see __getattr__)
+    "UnpricedModelError",  # noqa: F822 - built on first use (see __getattr__)
+    "BudgetExceededError",  # noqa: F822 - built on first use (see __getattr__)
+    "RouteNotAuthorizedError",  # noqa: F822 - built on first use (see __getattr__)
+    "RateLimitedError",  # noqa: F822 - built on first use (see __getattr__)
     "GatewayError",
     "RoutingError",
     "InsufficientHistoryError",

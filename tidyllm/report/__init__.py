@@ -24,8 +24,6 @@ from string import Template
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from tidyllm.report.data import ReportData
 
 __all__ = ["write_report", "save_report", "render_html"]
