@@ -361,6 +361,14 @@ def test_client_helpers() -> None:
     with pytest.raises(GatewayError, match="unknown gateway mode 'cloud'"):
         api_base("http://h:1", "cloud")
     assert auth_headers("ana", "pw") == {"X-MLflow-Authorization": "Basic YW5hOnB3"}
+    from tidyllm.platform import GatewayHandle
+    from tidyllm.settings import Settings
+
+    # a plain SDK embedding call to the tracking server goes to its OpenAI passthrough: still the gateway
+    server = GatewayHandle(Settings(gateway_uri="http://h:1/", gateway_mode="server"))
+    assert server.api_bases() == ("http://h:1/gateway/mlflow/v1", "http://h:1/gateway/openai/v1")
+    assert GatewayHandle(Settings(gateway_uri="http://h:1", gateway_mode="legacy")).api_bases() == ("http://h:1/v1",)
+    assert GatewayHandle(Settings()).api_bases() == ()
     assert resolve_auth(environ={}) is None
     assert resolve_auth(environ={"MLFLOW_TRACKING_USERNAME": "ana", "MLFLOW_TRACKING_PASSWORD": "pw"}) == ("ana", "pw")
     assert resolve_auth("bob", "x", environ={"MLFLOW_TRACKING_USERNAME": "ana"}) == ("bob", "x")

@@ -256,7 +256,13 @@ class GatewayHandle:
         return f"{self.uri}/v1" if self.mode == "legacy" else f"{self.uri}/gateway/mlflow/v1"
 
     def api_bases(self) -> tuple[str, ...]:
-        return (self.api_base,) if self.api_base else ()
+        """Every base a call to the gateway uses: the chat base and, on the tracking server, the OpenAI
+        passthrough it serves embeddings on (:func:`tidyllm.gateway.client.embeddings_api_base`)."""
+        if self.uri is None or self.api_base is None:
+            return ()
+        from tidyllm.gateway.client import embeddings_api_base
+
+        return tuple(dict.fromkeys((self.api_base, embeddings_api_base(self.uri, self.mode))))
 
     def auth_headers(self) -> dict[str, str]:
         """Basic-auth headers for an authenticated server gateway (empty without credentials)."""
