@@ -164,14 +164,14 @@ def test_sqlite_write_transactions_share_one_process_connection(tmp_path: Any) -
             tx.cursor.execute("INSERT INTO budget_events (id, at, kind, data) VALUES ('e0', '2026-01-01', 't', '{}')")
     count = mart.sql("SELECT COUNT(*) AS n FROM budget_events")["n"].iloc[0]
     assert count == 5  # the failed transaction left nothing (e5 rolled back with it)
-    first = store._hot[2]
+    first = store._hot[1]
     if hasattr(os, "fork"):
         pid = os.fork()
         if pid == 0:  # the child must not use its parent's connection
             code = 0
             try:
                 write(99)
-                code = 0 if store._hot[2] is not first and store._hot[0] == os.getpid() else 3
+                code = 0 if store._hot[1] is not first and store._hot[0] == os.getpid() else 3
             except BaseException:  # noqa: BLE001
                 code = 4
             os._exit(code)

@@ -136,7 +136,6 @@ class AuditTrail:
     RETURNING seq, digest
 ), adv AS (
     UPDATE audit_head h SET seq = aud.seq, digest = aud.digest, rows = h.rows + 1 FROM aud WHERE h.id = 1
-    RETURNING 1
 )"""
         return sql, params
 

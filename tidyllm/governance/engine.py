@@ -503,7 +503,7 @@ class Governor:
 
     def _settle_reservation(self, tx: "Tx", admission: Admission, record: "CallRecord", cost: float | None) -> None:
         if admission.reservation_id:
-            if record.ok or (cost or 0) > 0:
+            if _charged(record, cost):
                 self.budgets.settle(tx, admission.reservation_id, cost or 0.0, utcnow())
             else:
                 self.budgets.release(tx, admission.reservation_id, utcnow())
@@ -564,10 +564,9 @@ class Governor:
 
         None when the chain has no head yet (the first row ever): the general transaction creates it."""
         audit_sql, params = self.audit.append_sql(audit_row, when="EXISTS (SELECT 1 FROM fin)")
-        release = not (record.ok or (cost or 0) > 0)
-        params.update({k.rstrip("_"): v for k, v in finish.items()})
-        params.update(rid=admission.reservation_id if settle else None, charge=0.0 if release else (cost or 0.0),
-                      res_status="released" if release else "settled")
+        charged = _charged(record, cost)
+        params.update(finish, rid=admission.reservation_id if settle else None,
+                      charge=(cost or 0.0) if charged else 0.0, res_status="settled" if charged else "released")
         with self.mart.store.autocommit() as cursor:
             has_head, finished, amount = cursor.execute(_PG_RECORD.replace("{audit}", audit_sql), params).fetchone()
         if not has_head:
@@ -647,6 +646,11 @@ class Governor:
 
 
 
+def _charged(record: "CallRecord", cost: float | None) -> bool:
+    """Whether a finished call's reservation settles to a charge (else it is released unused)."""
+    return record.ok or (cost or 0) > 0
+
+
 # --- prepared statements (see tidyllm.mart.fastsql) ---------------------------------------------
 
 
@@ -684,11 +688,11 @@ def _q_finish_call() -> Any:
 #: {audit} is AuditTrail.append_sql's ``aud`` and ``adv``.
 _PG_RECORD = """
 WITH fin AS (
-    UPDATE llm_calls SET ended_at = %(ended)s, status = %(new_status)s, provider_model = %(provider_model)s,
-        prompt_tokens = %(prompt_tokens)s, completion_tokens = %(completion_tokens)s,
-        cached_tokens = %(cached_tokens)s, reasoning_tokens = %(reasoning_tokens)s, cost_usd = %(cost)s,
-        latency_ms = %(latency)s, error_type = %(error_type)s, error_message = %(error_message)s,
-        outcome = %(outcome)s, stream = %(stream)s
+    UPDATE llm_calls SET ended_at = %(ended)s, status = %(new_status)s, provider_model = %(provider_model_)s,
+        prompt_tokens = %(prompt_tokens_)s, completion_tokens = %(completion_tokens_)s,
+        cached_tokens = %(cached_tokens_)s, reasoning_tokens = %(reasoning_tokens_)s, cost_usd = %(cost)s,
+        latency_ms = %(latency)s, error_type = %(error_type_)s, error_message = %(error_message_)s,
+        outcome = %(outcome_)s, stream = %(stream_)s
     WHERE id = %(call_id)s AND status = 'pending' AND EXISTS (SELECT 1 FROM audit_head WHERE id = 1)
     RETURNING id
 ), res AS (
@@ -710,7 +714,6 @@ WITH fin AS (
 ), closed AS (
     UPDATE reservations r SET status = %(res_status)s, settled_usd = %(charge)s, closed_at = %(ended)s
     FROM res WHERE r.id = res.id
-    RETURNING 1
 ), head AS (
     SELECT digest FROM audit_head WHERE id = 1 AND (SELECT count(*) FROM win) >= 0 FOR UPDATE
 ), {audit}

@@ -84,9 +84,8 @@ class Store:
         # used under the write lock. A pool checkout and its reset cost more than the statements, and
         # a connection whose database another connection wrote must drop its page cache: with one
         # connection for the admitting and the settling threads, the cache stays warm.
-        self._hot: tuple[int, int, Any] | None = None
+        self._hot: tuple[int, Any] | None = None  # (pid, connection)
         self._hot_busy = False
-        self._generation = 0
         try:
             self._ensure_schema(upgrade)
         except BaseException:
@@ -228,13 +227,12 @@ class Store:
     def _hot_connection(self) -> Any:
         """This process's SQLite connection for tx() (made on first use, and again after a fork or
         dispose()); the caller holds the write lock."""
-        key = (os.getpid(), self._generation)
-        if self._hot is not None and self._hot[:2] == key:
-            return self._hot[2]
+        if self._hot is not None and self._hot[0] == os.getpid():
+            return self._hot[1]
         conn = sqlite3.connect(self.engine.url.database, timeout=60, check_same_thread=False,
                                isolation_level=None)
         _sqlite_pragmas(conn)
-        self._hot = (*key, conn)
+        self._hot = (os.getpid(), conn)
         return conn
 
     @contextlib.contextmanager
@@ -333,13 +331,12 @@ class Store:
         return HEAD_REVISION
 
     def dispose(self) -> None:
-        """Close every pooled connection (and the threads' own SQLite connections)."""
+        """Close every pooled connection (and the process's own SQLite connection)."""
         with self._write_lock:
-            self._generation += 1
             hot, self._hot = self._hot, None
             if hot is not None and hot[0] == os.getpid():
                 with contextlib.suppress(Exception):
-                    hot[2].close()
+                    hot[1].close()
         self.engine.dispose()
 
 
