@@ -54,7 +54,7 @@ class Platform:
         self.mart = get_tidymart(settings)
         self.prices = PriceBook(self.mart)
         self.budgets = BudgetLedger(self.mart, timezone=gov.timezone, lease_ttl_seconds=gov.lease_ttl_seconds,
-                                    soft_threshold=gov.soft_threshold)
+                                    soft_threshold=gov.soft_threshold, credit_calls=gov.admission_credit_calls)
         self.policy = AuthorizationPolicy(settings.authorization)
         self.audit = AuditTrail(self.mart, capture=settings.audit.capture)
         self.limiter = RateLimiter(settings.rate_limits)
@@ -230,8 +230,13 @@ class Platform:
         return self.mart.frame("llm_calls", **filters)
 
     def close(self) -> None:
-        """Unregister from LiteLLM and drop the log filter (the mart stays open for other users)."""
+        """Unregister from LiteLLM, give back unused admission credit and drop the log filter (the mart stays
+        open for other users)."""
         self._unregister()
+        try:
+            self.budgets.credit.return_all()
+        except Exception:  # noqa: BLE001 - a closed database: the credit's lease expires
+            logging.getLogger("tidyllm.governance").warning("could not give back admission credit", exc_info=True)
         logging.getLogger("tidyllm").removeFilter(self._filter)
 
 

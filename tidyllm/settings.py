@@ -62,6 +62,9 @@ class GovernanceSettings:
     gateway_only: bool = False
     #: allow ``mock_response`` calls when ``gateway_only`` is on (tests and demos)
     allow_mock: bool = False
+    #: worst cases per admission-credit block: a busy process admits calls from headroom it reserved in advance,
+    #: with no database write before the provider is called (docs/governance.md); 0 admits every call alone
+    admission_credit_calls: int = 32
 
 
 @dataclass(frozen=True)
@@ -306,6 +309,8 @@ def _check_choice(section: str, key: str, value: Any, origin: str) -> None:
     if allowed and value not in allowed:
         name = f"{section}.{key}" if section else key
         raise ConfigurationError(f"{origin}: {name} must be one of {', '.join(allowed)}; got {value!r}")
+    if (section, key) == ("governance", "admission_credit_calls") and value < 0:
+        raise ConfigurationError(f"{origin}: governance.admission_credit_calls must be 0 (off) or more, got {value!r}")
     if (section, key) == ("governance", "timezone"):
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 

@@ -57,6 +57,8 @@ class Reservation:
     max_tokens: int
     clamped: bool
     windows: tuple[tuple[str, str], ...]
+    #: an admission-credit block (see tidyllm.governance.credit), not one call's lease
+    credit: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class BudgetLedger:
     """Budgets, their windows and reservations, in the mart. Thread- and process-safe."""
 
     def __init__(self, mart: "TidyMart", *, timezone: str = "UTC", lease_ttl_seconds: float = 300.0,
-                 soft_threshold: float = 0.8) -> None:
+                 soft_threshold: float = 0.8, credit_calls: int = 32) -> None:
         try:
             self.tz = ZoneInfo(timezone)
         except Exception as exc:  # ZoneInfoNotFoundError, ValueError
@@ -134,6 +136,10 @@ class BudgetLedger:
         self._starts_cache: tuple[dt.datetime, dt.datetime, dict[str, dt.datetime]] | None = None
         #: (department, user, route, model, day) -> the lock statement's driver parameters
         self._lock_params: dict[tuple[Any, ...], Any] = {}
+        from tidyllm.governance.credit import AdmissionCredit
+
+        #: this process's admission-credit blocks (see tidyllm.governance.credit)
+        self.credit = AdmissionCredit(self, calls=credit_calls)
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -163,6 +169,7 @@ class BudgetLedger:
             if not 0 < threshold <= 1:
                 raise ConfigurationError(f"soft_threshold must be in (0, 1], got {soft_threshold!r}")
         now = utcnow()
+        self.credit.return_all()  # this process's credit must not outlive a changed limit
         with self._store.begin(write=True) as conn:
             self._store.lock_for_update(conn)  # concurrent creations of one budget: one inserts, the rest update
             row = conn.execute(sa.select(budgets.c.id).where(
@@ -183,6 +190,7 @@ class BudgetLedger:
 
     def delete(self, scope: str, name: str, period: str = "month") -> bool:
         """Remove a budget (its history goes with it). Returns whether it existed."""
+        self.credit.return_all()
         with self._store.begin(write=True) as conn:
             result = conn.execute(budgets.delete().where(budgets.c.scope == scope, budgets.c.name == name,
                                                          budgets.c.period == period))
@@ -287,6 +295,10 @@ class BudgetLedger:
         tx.run("budget_events.insert", _q_insert_event, id=str(uuid.uuid4()), at=now, budget_id=budget_id,
                kind=kind, data=data)
 
+    def day_start(self, now: dt.datetime) -> dt.datetime:
+        """UTC start of the budget day containing ``now`` (every period's window starts on one)."""
+        return self._starts(now)["day"]
+
     def _starts(self, now: dt.datetime) -> dict[str, dt.datetime]:
         """UTC start of the current window of each period (cached until the day changes)."""
         cached = self._starts_cache
@@ -325,12 +337,15 @@ class BudgetLedger:
 
     def reserve(self, tx: Any, *, call_id: str, ctx: "CallContext", route: str | None,
                 model: str | None, prompt_cost_usd: float, output_cost_per_token: float, max_tokens: int,
-                now: dt.datetime) -> Reservation | Refusal | None:
+                now: dt.datetime, block_usd: float = 0.0) -> Reservation | Refusal | None:
         """Reserve the worst case in the caller's write transaction ``tx``.
 
         Returns a :class:`Reservation`, a :class:`Refusal` naming the tightest budget, or None when
         no budget applies. ``max_tokens`` is clamped to the headroom when only a smaller answer fits.
-        Expired leases are returned first when the call would otherwise not fit.
+        Expired leases are returned first when the call would otherwise not fit. With ``block_usd``
+        (an admission-credit block, see tidyllm.governance.credit) the block is reserved instead of
+        the worst case when every enclosing budget has room for twice the block; the reservation
+        then says ``credit=True``.
         """
         tx = Tx.of(tx, self._store)
         windows = self._lock_windows(tx, ctx, route, model, now)
@@ -355,15 +370,21 @@ class BudgetLedger:
                                tight_b["limit_usd"], tight_w["spent_usd"], tight_w["reserved_usd"], worst)
         keys = tuple((b["id"], _iso(w["window_start"])) for b, w in windows)
         res_id = str(uuid.uuid4())
+        credit = not clamped and block_usd > worst and headroom >= 2 * block_usd
+        holder = call_id
+        if credit:
+            from tidyllm.governance.credit import CREDIT_PREFIX
+
+            worst, holder = block_usd, CREDIT_PREFIX + res_id
         for budget, window in windows:
             tx.run("budget_windows.add", _q_add, budget_id=budget["id"], start=window["window_start"], spent=0.0,
                    reserved=worst)
             self._soft_warning(tx, budget, window, worst, call_id, now)
         self._remember(windows, worst)
-        tx.run("reservations.insert", _q_insert_reservation, id=res_id, call_id=call_id, amount_usd=worst,
+        tx.run("reservations.insert", _q_insert_reservation, id=res_id, call_id=holder, amount_usd=worst,
                windows=[list(k) for k in keys], created_at=now,
                expires_at=now + dt.timedelta(seconds=self.lease_ttl), status="open")
-        return Reservation(res_id, worst, tokens, clamped, keys)
+        return Reservation(res_id, worst, tokens, clamped, keys, credit)
 
     def _remember(self, windows: list[tuple[dict[str, Any], dict[str, Any]]], adding: float) -> None:
         """Note the headroom each window has once ``adding`` is reserved (the routing pre-filter's view)."""
@@ -416,6 +437,23 @@ class BudgetLedger:
         self._add(tx, json_value(windows), spent=actual_usd, reserved=give_back)
         tx.run("reservations.close", _q_close_reservation, rid=reservation_id, new_status=status,
                settled=actual_usd, closed=now)
+
+    def credit_reduce(self, tx: Any, block_id: str, windows: Any, *, less: float, spent: float, close: bool,
+                      now: dt.datetime) -> None:
+        """An admission-credit block hands back ``less`` (shares of finished calls, unused credit) and
+        charges ``spent``; ``close`` settles it. A block whose lease expired already gave its amount
+        back: only the spend is added."""
+        tx = Tx.of(tx, self._store)
+        row = tx.one("reservations.lock", _q_lock_reservation, rid=block_id)
+        if row is None:
+            return
+        state = row[2]
+        give_back = -less if state == "open" else 0.0
+        if spent or give_back:
+            self._add(tx, windows, spent=spent, reserved=give_back)
+        tx.run("reservations.credit", _q_credit_reduce, rid=block_id, less=less if state == "open" else 0.0,
+               charged=spent, new_status="settled" if close and state == "open" else state,
+               closed=now if close else None)
 
     def release(self, tx: Any, reservation_id: str, now: dt.datetime) -> None:
         """Return an unused reservation (the call failed before costing anything)."""
@@ -471,6 +509,7 @@ class BudgetLedger:
 
         now = utcnow()
         rows = []
+        self.credit.return_all()  # a fresh view: this process's unused credit is not "reserved"
         with self._store.begin() as conn:
             for b in sorted(self._all(conn), key=lambda b: (SCOPES.index(b["scope"]), b["name"], b["period"])):
                 if (scope and b["scope"] != scope) or (name and b["name"] != name):
@@ -494,7 +533,8 @@ class BudgetLedger:
         return frame
 
     def open_reservations(self) -> int:
-        """How many leases are open right now."""
+        """How many leases are open right now (after giving back this process's unused credit)."""
+        self.credit.return_all()
         with self._store.begin() as conn:
             return conn.execute(sa.select(sa.func.count()).select_from(reservations)
                                 .where(reservations.c.status == "open")).scalar_one()
@@ -661,3 +701,12 @@ def _q_close_reservation() -> Any:
     return reservations.update().where(r.id == sa.bindparam("rid")).values(
         status=sa.bindparam("new_status", type_=sa.String), settled_usd=sa.bindparam("settled", type_=sa.Float),
         closed_at=sa.bindparam("closed", type_=r.closed_at.type))
+
+
+def _q_credit_reduce() -> Any:
+    r = reservations.c
+    return reservations.update().where(r.id == sa.bindparam("rid")).values(
+        amount_usd=r.amount_usd - sa.bindparam("less", type_=sa.Float),
+        settled_usd=sa.func.coalesce(r.settled_usd, 0.0) + sa.bindparam("charged", type_=sa.Float),
+        status=sa.bindparam("new_status", type_=sa.String),
+        closed_at=sa.func.coalesce(sa.bindparam("closed", type_=r.closed_at.type), r.closed_at))

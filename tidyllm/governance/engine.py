@@ -28,7 +28,7 @@ from tidyllm.redact import redact
 if TYPE_CHECKING:
     from tidyllm.governance.audit import AuditTrail
     from tidyllm.gateway.traces import TraceLookup, TraceRef
-    from tidyllm.governance.budgets import BudgetLedger
+    from tidyllm.governance.budgets import BudgetLedger, Reservation
     from tidyllm.governance.policy import AuthorizationPolicy
     from tidyllm.governance.streams import StreamTally
     from tidyllm.mart.fastsql import Tx
@@ -64,6 +64,8 @@ class Admission:
     input_per_1m: float | None = None
     output_per_1m: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the admission-credit block the call was admitted from (see tidyllm.governance.credit)
+    credit_id: str | None = None
 
     def stamp(self) -> dict[str, Any]:
         """The dict stamped into ``metadata["tidyllm"]`` (plain JSON-able values)."""
@@ -228,7 +230,7 @@ class Governor:
         ``route`` is the endpoint/deployment that will serve the call; ``gateway`` says whether it
         resolves to a configured gateway endpoint (``governance.gateway_only``); ``prompt_tokens`` is
         the caller's own upper estimate, when it already made one."""
-        from tidyllm.errors import BudgetExceededError, RateLimitedError, RouteNotAuthorizedError
+        from tidyllm.errors import RouteNotAuthorizedError
 
         call_id = call_id or str(uuid.uuid4())
         now = utcnow()
@@ -254,13 +256,30 @@ class Governor:
             out_tokens = max(out_tokens, MOCK_COMPLETION_TOKENS)
         #: answer tokens the reservation pays for (a completion reserves at least one)
         reserve_tokens = out_tokens if is_embedding else max(out_tokens, 1)
-        from tidyllm.governance.budgets import Refusal
-
         if price is not None and price.id is None:
             # a LiteLLM price used for the first time becomes a stored price version
             price = self._store_litellm_price(price)
+        block_usd = 0.0
+        credit = self.budgets.credit
+        if price is not None and credit.enabled and not stream and not self.limiter.limits \
+                and not (extra and extra.get("traced")):
+            # a busy caller's call: admitted from this process's credit when it has some (no database
+            # write before the provider is called), else maybe reserved with a new block of it
+            worst = prompt_tokens * price.input_per_1m / 1e6 + reserve_tokens * (price.output_per_1m / 1e6)
+            credit_key = (ctx.department, ctx.user_id, route, requested_model)
+            day = self.budgets.day_start(now)
+            block_id, block_usd = credit.take(credit_key, day, worst, call_id)
+            if block_id is not None:
+                self.listeners_done[call_id] = threading.Event()
+                return Admission(
+                    call_id=call_id, route=route, requested_model=requested_model, call_type=call_type,
+                    context=ctx.as_dict(), started_at=now.isoformat(), max_tokens=reserve_tokens, clamped=False,
+                    reserved_usd=worst, price_id=price.id, input_per_1m=price.input_per_1m,
+                    output_per_1m=price.output_per_1m, extra=dict(extra or {}), credit_id=block_id)
+        if credit.enabled:
+            credit.give_back_retired()
         if price is not None and self.mart.store.dialect == "postgresql" and not self.limiter.limits \
-                and not self.budgets.expiry_due():
+                and not self.budgets.expiry_due() and not block_usd:
             admission = self._admit_in_one_statement(
                 ctx=ctx, route=route, requested_model=requested_model, call_type=call_type, price=price,
                 prompt_tokens=prompt_tokens, out_tokens=out_tokens, reserve_tokens=reserve_tokens, stream=stream,
@@ -268,6 +287,37 @@ class Governor:
             if admission is not None:
                 self.listeners_done[call_id] = threading.Event()
                 return admission
+        try:
+            admission, reservation = self._admit_in_transaction(
+                ctx=ctx, route=route, requested_model=requested_model, call_type=call_type, price=price,
+                prompt_tokens=prompt_tokens, out_tokens=out_tokens, reserve_tokens=reserve_tokens, stream=stream,
+                call_id=call_id, now=now, extra=extra, block_usd=block_usd, base=base)
+        except BaseException:
+            if block_usd:
+                credit.not_granted(credit_key)
+            raise
+        if block_usd:
+            if reservation is not None and reservation.credit:
+                credit.granted(credit_key, day, reservation.id, reservation.amount_usd, reservation.windows, call_id,
+                               worst)
+            else:
+                credit.not_granted(credit_key)
+        if admission.clamped:
+            log.info("call %s: max_tokens clamped to %d to fit the budget", call_id, admission.max_tokens)
+        self.listeners_done[call_id] = threading.Event()
+        return admission
+
+    def _admit_in_transaction(self, *, ctx: CallContext, route: str, requested_model: str, call_type: str,
+                              price: "Price | None", prompt_tokens: int, out_tokens: int, reserve_tokens: int,
+                              stream: bool, call_id: str, now: dt.datetime, extra: Mapping[str, Any] | None,
+                              block_usd: float, base: dict[str, Any]) -> "tuple[Admission, Reservation | None]":
+        """The general admission: rate limit, price, reserve (or a credit block) and the pending call row in
+        one write transaction; a refusal's records commit with it and its error is raised after it.
+        Returns the admission and its reservation (None when no budget applies)."""
+        from tidyllm.errors import BudgetExceededError, RateLimitedError
+
+        from tidyllm.governance.budgets import Refusal, Reservation
+
         refusal: tuple[GovernanceError, str | None] | None = None
         with self.mart.store.tx() as tx:
             self.budgets.maybe_expire_leases(tx, now)
@@ -288,7 +338,7 @@ class Governor:
                     tx, call_id=call_id, ctx=ctx, route=route, model=requested_model,
                     prompt_cost_usd=prompt_tokens * price.input_per_1m / 1e6,
                     output_cost_per_token=per_token_out, max_tokens=reserve_tokens,
-                    now=now)
+                    now=now, block_usd=block_usd)
                 if isinstance(reservation, Refusal):
                     err = BudgetExceededError(reservation.message(), scope=reservation.scope,
                                               name=reservation.name, spent_usd=reservation.spent_usd,
@@ -298,6 +348,17 @@ class Governor:
             if refusal is not None:
                 # the refusal's records commit with this transaction; the error is raised after it
                 self._write_refusal(tx, error=refusal[0], budget_id=refusal[1], **base)
+            elif reservation is not None and reservation.credit:
+                # the first call of a new credit block: like the calls after it, its row is written
+                # when it finishes
+                assert price is not None
+                admission = Admission(
+                    call_id=call_id, route=route, requested_model=requested_model, call_type=call_type,
+                    context=ctx.as_dict(), started_at=now.isoformat(), max_tokens=reservation.max_tokens,
+                    clamped=False, reserved_usd=prompt_tokens * price.input_per_1m / 1e6
+                    + reserve_tokens * (price.output_per_1m / 1e6), price_id=price.id,
+                    input_per_1m=price.input_per_1m, output_per_1m=price.output_per_1m,
+                    extra=dict(extra or {}), credit_id=reservation.id)
             else:
                 admission = Admission(
                     call_id=call_id, route=route, requested_model=requested_model, call_type=call_type,
@@ -317,10 +378,7 @@ class Governor:
                        reserved_usd=admission.reserved_usd, price_id=admission.price_id)
         if refusal is not None:
             raise refusal[0]
-        if admission.clamped:
-            log.info("call %s: max_tokens clamped to %d to fit the budget", call_id, admission.max_tokens)
-        self.listeners_done[call_id] = threading.Event()
-        return admission
+        return admission, reservation if isinstance(reservation, Reservation) else None
 
     def _admit_in_one_statement(self, *, ctx: CallContext, route: str, requested_model: str, call_type: str,
                                 price: "Price", prompt_tokens: int, out_tokens: int, reserve_tokens: int,
@@ -541,6 +599,10 @@ class Governor:
                       cost=cost, latency=record.latency_ms, error_type_=record.error_type,
                       error_message_=redact(record.error_message)[:4000] if record.error_message else None,
                       outcome_=outcome, stream_=bool(record.stream))
+        if admission.credit_id is not None:
+            done = self._record_credit_call(record, admission, outcome, cost, finish, audit_row)
+            self._forget_stream(admission.call_id)
+            return done
         if self.mart.store.dialect == "postgresql":
             done = self._record_in_one_statement(admission, record, cost, finish, audit_row, settle=settle)
             if done is not None:
@@ -555,6 +617,36 @@ class Governor:
                 self.audit.append(tx, audit_row)
         self._forget_stream(admission.call_id)
         return finished
+
+    def _record_credit_call(self, record: "CallRecord", admission: Admission, outcome: str | None,
+                            cost: float | None, finish: dict[str, Any], audit_row: dict[str, Any]) -> bool:
+        """A call admitted from admission credit: its call row (it had no pending row), its spend, its share
+        of the block returned and its audit row, in one transaction (:meth:`AdmissionCredit.settle`)."""
+        ctx = admission.context
+        charged = _charged(record, cost)
+        if charged and cost is not None and cost > admission.reserved_usd + 1e-12:
+            log.warning("call %s cost $%.6f, more than the $%.6f reserved for its worst case",
+                        admission.call_id, cost, admission.reserved_usd)
+
+        def write(tx: "Tx") -> None:
+            tx.run("llm_calls.insert", _q_insert_call,
+                   id=admission.call_id, started_at=dt.datetime.fromisoformat(admission.started_at),
+                   ended_at=finish["ended"], call_type=admission.call_type, user_id=ctx.get("user_id"),
+                   department=ctx.get("department"), use_case=ctx.get("use_case"),
+                   data_sensitivity=ctx.get("data_sensitivity"), requested_model=admission.requested_model,
+                   route=admission.route, provider_model=record.provider_model, status=finish["new_status"],
+                   stream=bool(record.stream), prompt_tokens=record.prompt_tokens,
+                   completion_tokens=record.completion_tokens, cached_tokens=record.cached_tokens,
+                   reasoning_tokens=record.reasoning_tokens, cost_usd=cost, reserved_usd=admission.reserved_usd,
+                   price_id=admission.price_id, latency_ms=record.latency_ms, error_type=record.error_type,
+                   error_message=finish["error_message_"], outcome=outcome)
+            self.audit.append(tx, {**audit_row, "extra": {**audit_row["extra"], "credit_id": admission.credit_id}})
+
+        if self.budgets.credit.settle(admission.credit_id or "", admission.call_id,
+                                      (cost or 0.0) if charged else 0.0, write):
+            return True
+        log.debug("call %s: already written (admission credit %s)", admission.call_id, admission.credit_id)
+        return False
 
     def _record_in_one_statement(self, admission: Admission, record: "CallRecord", cost: float | None,
                                  finish: dict[str, Any], audit_row: dict[str, Any], *, settle: bool) -> bool | None:
