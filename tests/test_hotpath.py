@@ -229,3 +229,38 @@ def test_settlement_chains_non_ascii_content_and_counts_a_call_once(db_url: str)
         assert not p.audit.verify().ok
     finally:
         tidyllm.uninstall()
+
+
+def test_the_routing_strategy_follows_the_routers_deployment_changes(tmp_path: Any) -> None:
+    """The strategy keeps each group's deployments while LiteLLM's registry version stays the same: adding
+    or removing a deployment must still be seen by the next call."""
+    from tidyllm._litellm import import_litellm
+
+    litellm = import_litellm()
+
+    def deployment(route: str) -> dict[str, Any]:
+        return {"model_name": "chat", "model_info": {"id": route},
+                "litellm_params": {"model": f"openai/{route}", "mock_response": "ok", "api_key": "not-used-mock"}}
+
+    p = tidyllm.install(database_url=f"sqlite:///{tmp_path / 'm.db'}", routing={"strategy": "cheapest"})
+    try:
+        p.prices.set("ep-a", 2.0, 2.0)
+        p.prices.set("ep-b", 1.0, 1.0)  # cheaper: the cheapest strategy takes it whenever it is there
+        router = p.govern(litellm.Router(model_list=[deployment("ep-a")], num_retries=0))
+
+        def route(name: str) -> str:
+            router.completion(model="chat", messages=MSG, metadata={**META, "tidyllm_call_id": name})
+            return p.wait_for_call(name)["route"]
+
+        assert route("one") == "ep-a"
+        router.set_model_list([deployment("ep-a"), deployment("ep-b")])
+        assert route("two") == "ep-b"
+        from litellm.router_api import ChangeSet
+        from litellm.types.router import Deployment
+
+        router.apply(ChangeSet(delete=["ep-b"]))
+        assert route("three") == "ep-a"
+        router.apply(ChangeSet(upsert=[Deployment(**deployment("ep-b"))]))
+        assert route("four") == "ep-b"
+    finally:
+        tidyllm.uninstall()
