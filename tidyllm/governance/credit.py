@@ -44,7 +44,6 @@ from tidyllm.mart.store import utcnow
 
 if TYPE_CHECKING:
     from tidyllm.governance.budgets import BudgetLedger
-    from tidyllm.mart.fastsql import Tx
 
 __all__ = ["AdmissionCredit", "CREDIT_PREFIX"]
 
@@ -160,10 +159,12 @@ class AdmissionCredit:
 
     # --- settlement (LiteLLM's logging threads) ------------------------------------------------
 
-    def settle(self, block_id: str, call_id: str, charge: float, write: Callable[["Tx"], None]) -> bool:
-        """Write a finished credit call: ``write(tx)`` (its call row and audit row), its spend
-        ``charge``, its share of the block returned — one transaction. False when the call is not
-        outstanding (LiteLLM delivered its event twice)."""
+    def settle(self, block_id: str, call_id: str,
+               persist: Callable[[str, tuple[tuple[str, str], ...], float, bool], None]) -> bool:
+        """Write a finished credit call: ``persist(block id, windows, less, close)`` writes, in one
+        transaction, its call row and audit row, its spend, and ``less`` (its share of the block and, when
+        the block is retired, the rest of what it had not handed out) given back; ``close`` settles the
+        block. False when the call is not outstanding (LiteLLM delivered its event twice)."""
         with self._lock:
             block = self._open.get(block_id)
         if block is None:
@@ -176,10 +177,7 @@ class AdmissionCredit:
             if share is None:
                 return False
             give_back, close = self._decide(block)
-            with self.ledger._store.tx() as tx:
-                self.ledger.credit_reduce(tx, block.id, block.windows, less=share + give_back, spent=charge,
-                                          close=close, now=utcnow())
-                write(tx)
+            persist(block.id, block.windows, share + give_back, close)
         return True
 
     def owns(self, block_id: str) -> bool:

@@ -628,22 +628,31 @@ class Governor:
             log.warning("call %s cost $%.6f, more than the $%.6f reserved for its worst case",
                         admission.call_id, cost, admission.reserved_usd)
 
-        def write(tx: "Tx") -> None:
-            tx.run("llm_calls.insert", _q_insert_call,
-                   id=admission.call_id, started_at=dt.datetime.fromisoformat(admission.started_at),
-                   ended_at=finish["ended"], call_type=admission.call_type, user_id=ctx.get("user_id"),
-                   department=ctx.get("department"), use_case=ctx.get("use_case"),
-                   data_sensitivity=ctx.get("data_sensitivity"), requested_model=admission.requested_model,
-                   route=admission.route, provider_model=record.provider_model, status=finish["new_status"],
-                   stream=bool(record.stream), prompt_tokens=record.prompt_tokens,
-                   completion_tokens=record.completion_tokens, cached_tokens=record.cached_tokens,
-                   reasoning_tokens=record.reasoning_tokens, cost_usd=cost, reserved_usd=admission.reserved_usd,
-                   price_id=admission.price_id, latency_ms=record.latency_ms, error_type=record.error_type,
-                   error_message=finish["error_message_"], outcome=outcome)
-            self.audit.append(tx, {**audit_row, "extra": {**audit_row["extra"], "credit_id": admission.credit_id}})
+        charge = (cost or 0.0) if charged else 0.0
+        call_row = dict(
+            id=admission.call_id, started_at=dt.datetime.fromisoformat(admission.started_at), ended_at=finish["ended"],
+            call_type=admission.call_type, user_id=ctx.get("user_id"), department=ctx.get("department"),
+            use_case=ctx.get("use_case"), data_sensitivity=ctx.get("data_sensitivity"),
+            requested_model=admission.requested_model, route=admission.route, provider_model=record.provider_model,
+            status=finish["new_status"], stream=bool(record.stream), prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens, cached_tokens=record.cached_tokens,
+            reasoning_tokens=record.reasoning_tokens, cost_usd=cost, reserved_usd=admission.reserved_usd,
+            price_id=admission.price_id, latency_ms=record.latency_ms, error_type=record.error_type,
+            error_message=finish["error_message_"], outcome=outcome)
+        audit_row = {**audit_row, "extra": {**audit_row["extra"], "credit_id": admission.credit_id}}
 
-        if self.budgets.credit.settle(admission.credit_id or "", admission.call_id,
-                                      (cost or 0.0) if charged else 0.0, write):
+        def persist(block_id: str, windows: tuple[tuple[str, str], ...], less: float, close: bool) -> None:
+            if self.mart.store.dialect == "postgresql" and self._record_credit_in_one_statement(
+                    block_id, less, charge, close, call_row, audit_row):
+                return
+            with self.mart.store.tx() as tx:
+                # lock order: the block's reservation, its windows, then the audit chain head
+                self.budgets.credit_reduce(tx, block_id, windows, less=less, spent=charge, close=close,
+                                           now=call_row["ended_at"])
+                tx.run("llm_calls.insert", _q_insert_call, **call_row)
+                self.audit.append(tx, audit_row)
+
+        if self.budgets.credit.settle(admission.credit_id or "", admission.call_id, persist):
             return True
         log.debug("call %s: already written (admission credit %s)", admission.call_id, admission.credit_id)
         return False
@@ -667,6 +676,19 @@ class Governor:
             log.warning("call %s cost $%.6f, more than the $%.6f reserved for its worst case",
                         admission.call_id, cost, amount)
         return bool(finished)
+
+    def _record_credit_in_one_statement(self, block_id: str, less: float, charge: float, close: bool,
+                                        call_row: dict[str, Any], audit_row: dict[str, Any]) -> bool:
+        """PostgreSQL: a credit call's write (:meth:`_record_credit_call`) in one autocommit statement, taking
+        its locks in the order every other transaction takes them (the block's reservation, its windows in
+        budget-id order, the audit chain head). False, having written nothing, when the chain has no head
+        yet: the general transaction creates it."""
+        audit_sql, params = self.audit.append_sql(audit_row, when="EXISTS (SELECT 1 FROM ins)")
+        params.update({f"c_{k}": v for k, v in call_row.items()}, rid=block_id, less=less, charge=charge,
+                      close=close)
+        with self.mart.store.autocommit() as cursor:
+            (has_head,) = cursor.execute(_PG_RECORD_CREDIT.replace("{audit}", audit_sql), params).fetchone()
+        return bool(has_head)
 
     def _forget_stream(self, call_id: str) -> None:
         """A governed stream's call is settled: stop tracking it, and tell the stream."""
@@ -811,4 +833,50 @@ WITH fin AS (
 ), {audit}
 SELECT (SELECT count(*) FROM fin) = 1 OR EXISTS (SELECT 1 FROM audit_head WHERE id = 1),
        (SELECT count(*) FROM fin) = 1 AND (SELECT count(*) FROM aud) = 1, (SELECT amount_usd FROM res)
+"""
+
+
+#: see Governor._record_credit_in_one_statement: the block's reservation row, then its windows in budget-id
+#: order, then the audit chain head (``head`` reads ``win`` first), as in _PG_RECORD. Nothing is written
+#: when the chain has no head: ``res`` is empty, and ``ins`` — on which the audit row depends — too.
+_PG_RECORD_CREDIT = """
+WITH res AS (
+    SELECT r.id, r.windows, r.status FROM reservations r
+    WHERE r.id = %(rid)s AND EXISTS (SELECT 1 FROM audit_head WHERE id = 1)
+    FOR UPDATE
+), wlock AS (
+    SELECT w.budget_id, w.window_start
+    FROM budget_windows w JOIN (SELECT e.pair->>0 AS budget_id, (e.pair->>1)::timestamptz AS window_start
+                                FROM res CROSS JOIN LATERAL json_array_elements(res.windows) AS e(pair)) k
+         ON w.budget_id = k.budget_id AND w.window_start = k.window_start
+    ORDER BY w.budget_id
+    FOR UPDATE OF w
+), win AS (
+    UPDATE budget_windows w SET spent_usd = w.spent_usd + %(charge)s,
+        reserved_usd = w.reserved_usd - CASE WHEN res.status = 'open' THEN %(less)s ELSE 0 END
+    FROM wlock, res WHERE w.budget_id = wlock.budget_id AND w.window_start = wlock.window_start
+    RETURNING 1
+), blk AS (
+    UPDATE reservations r SET
+        amount_usd = r.amount_usd - CASE WHEN res.status = 'open' THEN %(less)s ELSE 0 END,
+        settled_usd = COALESCE(r.settled_usd, 0) + %(charge)s,
+        status = CASE WHEN res.status = 'open' AND %(close)s THEN 'settled' ELSE r.status END,
+        closed_at = CASE WHEN %(close)s THEN %(c_ended_at)s ELSE r.closed_at END
+    FROM res WHERE r.id = res.id
+), ins AS (
+    INSERT INTO llm_calls (id, started_at, ended_at, call_type, user_id, department, use_case, data_sensitivity,
+                           requested_model, route, provider_model, status, stream, prompt_tokens, completion_tokens,
+                           cached_tokens, reasoning_tokens, cost_usd, reserved_usd, price_id, latency_ms, error_type,
+                           error_message, outcome)
+    SELECT %(c_id)s, %(c_started_at)s, %(c_ended_at)s, %(c_call_type)s, %(c_user_id)s, %(c_department)s,
+           %(c_use_case)s, %(c_data_sensitivity)s, %(c_requested_model)s, %(c_route)s, %(c_provider_model)s,
+           %(c_status)s, %(c_stream)s, %(c_prompt_tokens)s, %(c_completion_tokens)s, %(c_cached_tokens)s,
+           %(c_reasoning_tokens)s, %(c_cost_usd)s, %(c_reserved_usd)s, %(c_price_id)s, %(c_latency_ms)s,
+           %(c_error_type)s, %(c_error_message)s, %(c_outcome)s
+    WHERE EXISTS (SELECT 1 FROM audit_head WHERE id = 1)
+    RETURNING id
+), head AS (
+    SELECT digest FROM audit_head WHERE id = 1 AND (SELECT count(*) FROM win) >= 0 FOR UPDATE
+), {audit}
+SELECT EXISTS (SELECT 1 FROM ins)
 """
