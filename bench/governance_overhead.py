@@ -7,8 +7,10 @@ and no provider) is made by two worker processes in lock-step — call *i* by th
 - ``plain``: ``litellm.Router(model_list)``, tidyllm not installed;
 - ``governed``: ``platform.govern(litellm.Router(model_list))`` after ``tidyllm.install(database_url=...)``,
   with a price for the deployment and a department budget, so every call is authorised, rate-limit
-  checked, priced and reserved before LiteLLM answers (one write transaction), then settled and audited
-  on LiteLLM's logging thread after it returns.
+  checked, priced and reserved before LiteLLM answers, then settled and audited on LiteLLM's logging
+  thread after it returns. A busy caller like this one is admitted from admission credit (a block of
+  32 worst cases reserved in one write transaction, tidyllm.governance.credit); ``--credit-calls 0``
+  measures the per-call path (one write transaction before every call).
 
 Each worker times its own calls (the pipe between driver and workers is outside the timing). Reported:
 median and p95 per side, the median and p95 of the per-pair difference (added latency), and the ratio of
@@ -79,7 +81,9 @@ def _router(governed: bool, url: str | None) -> tuple[Any, Any]:
         return router, None
     import tidyllm
 
-    platform = tidyllm.install(database_url=url, routing={"strategy": "cheapest"})
+    credit = os.environ.get("TIDYLLM_BENCH_CREDIT_CALLS")  # set by --credit-calls
+    platform = tidyllm.install(database_url=url, routing={"strategy": "cheapest"},
+                               governance={"admission_credit_calls": int(credit)} if credit else {})
     platform.prices.set(DEPLOYMENT, *PRICE_PER_1M)
     platform.budgets.set("department", "risk", 1_000_000.0, "month")
     return platform.govern(router), platform
@@ -271,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=4, help="governed processes for throughput (default 4)")
     parser.add_argument("--throughput-calls", type=int, default=300,
                         help="calls per process in the throughput run (default 300)")
+    parser.add_argument("--credit-calls", type=int, default=None, metavar="N",
+                        help="governance.admission_credit_calls of the governed workers (default: tidyllm's, 32; "
+                             "0 admits every call with its own write transaction)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also cProfile N governed calls on SQLite in-process and print the top functions")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "governance.json"),
@@ -282,8 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         worker(args.worker, args.url, args.warmup, args.calls)
         return 0
 
+    if args.credit_calls is not None:
+        os.environ["TIDYLLM_BENCH_CREDIT_CALLS"] = str(args.credit_calls)  # the workers inherit it
     load_before = os.getloadavg()
-    results: dict[str, Any] = {"interleaved": {}, "throughput": None, "notes": []}
+    results: dict[str, Any] = {"interleaved": {}, "throughput": None, "notes": [],
+                               "admission_credit_calls": args.credit_calls}
     with tempfile.TemporaryDirectory(prefix="tidyllm-governance-bench-") as tmp:
         made = iter(range(1_000_000))
 

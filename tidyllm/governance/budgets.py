@@ -509,7 +509,9 @@ class BudgetLedger:
 
         now = utcnow()
         rows = []
-        self.credit.return_all()  # a fresh view: this process's unused credit is not "reserved"
+        # this process's unused admission credit is reserved in the database but as good as free: shown as
+        # not reserved (it goes back within seconds; other processes' unused credit shows as reserved)
+        unused = self.credit.unused()
         with self._store.begin() as conn:
             for b in sorted(self._all(conn), key=lambda b: (SCOPES.index(b["scope"]), b["name"], b["period"])):
                 if (scope and b["scope"] != scope) or (name and b["name"] != name):
@@ -518,6 +520,7 @@ class BudgetLedger:
                 w = conn.execute(sa.select(budget_windows.c.spent_usd, budget_windows.c.reserved_usd).where(
                     (budget_windows.c.budget_id == b["id"]) & (budget_windows.c.window_start == start))).first()
                 spent, reserved = (w[0], w[1]) if w else (0.0, 0.0)
+                reserved -= unused.get((b["id"], _iso(start)), 0.0)
                 reserved = reserved if reserved > 1e-12 else 0.0  # float residue of reserve/settle pairs
                 rows.append({"scope": b["scope"], "name": b["name"], "period": b["period"],
                              "limit_usd": b["limit_usd"], "spent_usd": spent, "reserved_usd": max(reserved, 0.0),

@@ -17,8 +17,8 @@ credit keeps the guarantee and takes the write off that path for a process that 
 - A block stops admitting after :attr:`AdmissionCredit.max_age` seconds (2 s, and at most a quarter
   of the lease TTL) or :attr:`AdmissionCredit.idle` seconds without a call (0.5 s); what it has not
   handed out goes back to the budgets then, on a background thread. ``budgets.set()``,
-  ``budgets.delete()``, ``budgets.status()``, ``budgets.open_reservations()``, ``Platform.close()``
-  and a normal interpreter exit give it back at once.
+  ``budgets.delete()``, ``budgets.open_reservations()``, ``Platform.close()`` and a normal
+  interpreter exit give it back at once; ``budgets.status()`` shows it as not reserved.
 
 Nothing is admitted that the database did not reserve, so limits hold exactly as before, across
 threads, processes and hosts. What changes: ``reserved_usd`` includes unused credit for up to
@@ -179,6 +179,17 @@ class AdmissionCredit:
             give_back, close = self._decide(block)
             persist(block.id, block.windows, share + give_back, close)
         return True
+
+    def unused(self) -> dict[tuple[str, str], float]:
+        """USD this process holds in credit but has not handed to any call, per window
+        ``(budget id, window start ISO)`` — reserved in the database, yet as good as free."""
+        out: dict[tuple[str, str], float] = {}
+        with self._lock:
+            for block in self._open.values():
+                if block.available > 0:
+                    for window in block.windows:
+                        out[window] = out.get(window, 0.0) + block.available
+        return out
 
     def owns(self, block_id: str) -> bool:
         """Whether a block of this process is still open."""
