@@ -26,8 +26,9 @@ sys.path.insert(0, sys.argv[4])
 import tidyllm
 from govhelpers import sim_router, META
 from litellm import InternalServerError
-url, sim_url, calls = sys.argv[1], sys.argv[2], int(sys.argv[3])
-platform = tidyllm.install(database_url=url, routing={"strategy": "cheapest"})
+url, sim_url, calls, credit = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[5])
+platform = tidyllm.install(database_url=url, routing={"strategy": "cheapest"},
+                           governance={"admission_credit_calls": credit})
 router = sim_router(platform, sim_url, routes={"ep-small": ("sim-gpt-small", 1.0, 2.0)})
 counts = {"ok": 0, "refused": 0, "failed": 0, "error": 0}
 lock = threading.Lock()
@@ -59,19 +60,22 @@ def sim() -> Iterator[Simulator]:
         yield s
 
 
-@pytest.mark.parametrize("limit, per_thread", [(0.0015, 3), (0.02, 8)], ids=["per-call", "with-credit"])
+@pytest.mark.parametrize("limit, per_thread, credit", [(0.0015, 3, 32), (0.012, 5, 8)],
+                         ids=["per-call", "with-credit"])
 def test_four_processes_times_eight_threads_never_overspend(db_url: str, sim: Simulator, limit: float,
-                                                            per_thread: int) -> None:
-    """``per-call``: the limit pays for ~15 calls, every admission is its own reservation. ``with-credit``: the
-    limit pays for ~200 calls of 256, so busy threads are admitted from admission-credit blocks until the
-    budget gets near its limit, then one by one (tidyllm.governance.credit)."""
+                                                            per_thread: int, credit: int) -> None:
+    """``per-call``: the limit pays for ~15 calls, too few for any admission-credit block, so every admission
+    is its own reservation. ``with-credit``: the limit pays for ~120 calls of 160 and blocks hold 8 worst
+    cases, so the busy threads of all four processes are admitted from many blocks until the budget gets
+    near its limit, then one by one (tidyllm.governance.credit)."""
     platform = tidyllm.install(database_url=db_url, routing={"strategy": "cheapest"})
     platform.prices.set("ep-small", 1.0, 2.0)
     # each call costs about (20 in + 40 out tokens) → ~0.0001 $; the worst case reserved is higher
     platform.budgets.set("department", "risk", limit, "month")
     tidyllm.uninstall()
     sim.reset_stats()
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, db_url, sim.url, str(per_thread), str(TESTS)],
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, db_url, sim.url, str(per_thread), str(TESTS),
+                               str(credit)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
     results, errors = [], []
     for p in procs:
@@ -103,7 +107,7 @@ def test_four_processes_times_eight_threads_never_overspend(db_url: str, sim: Si
         assert (calls["status"] == "pending").sum() == 0    # nothing lost at process exit
         assert platform.audit.verify().ok
         blocks = platform.mart.sql("SELECT call_id FROM reservations")["call_id"].str.startswith("credit:").sum()
-        assert (blocks > 0) == (per_thread == 8)          # the credit case did use credit
+        assert (blocks > 1) == (credit == 8)              # the credit case did use credit, many blocks
     finally:
         tidyllm.uninstall()
 
