@@ -265,17 +265,15 @@ class Governor:
                 and not (extra and extra.get("traced")):
             # a busy caller's call: admitted from this process's credit when it has some (no database
             # write before the provider is called), else maybe reserved with a new block of it
-            worst = prompt_tokens * price.input_per_1m / 1e6 + reserve_tokens * (price.output_per_1m / 1e6)
+            worst = _worst(price, prompt_tokens, reserve_tokens)
             credit_key = (ctx.department, ctx.user_id, route, requested_model)
             day = self.budgets.day_start(now)
             block_id, block_usd = credit.take(credit_key, day, worst, call_id)
             if block_id is not None:
                 self.listeners_done[call_id] = threading.Event()
-                return Admission(
-                    call_id=call_id, route=route, requested_model=requested_model, call_type=call_type,
-                    context=ctx.as_dict(), started_at=now.isoformat(), max_tokens=reserve_tokens, clamped=False,
-                    reserved_usd=worst, price_id=price.id, input_per_1m=price.input_per_1m,
-                    output_per_1m=price.output_per_1m, extra=dict(extra or {}), credit_id=block_id)
+                return _credit_admission(block_id, call_id=call_id, route=route, requested_model=requested_model,
+                                         call_type=call_type, ctx=ctx, now=now, max_tokens=reserve_tokens,
+                                         worst=worst, price=price, extra=extra)
         if credit.enabled:
             credit.give_back_retired()
         if price is not None and self.mart.store.dialect == "postgresql" and not self.limiter.limits \
@@ -352,13 +350,10 @@ class Governor:
                 # the first call of a new credit block: like the calls after it, its row is written
                 # when it finishes
                 assert price is not None
-                admission = Admission(
-                    call_id=call_id, route=route, requested_model=requested_model, call_type=call_type,
-                    context=ctx.as_dict(), started_at=now.isoformat(), max_tokens=reservation.max_tokens,
-                    clamped=False, reserved_usd=prompt_tokens * price.input_per_1m / 1e6
-                    + reserve_tokens * (price.output_per_1m / 1e6), price_id=price.id,
-                    input_per_1m=price.input_per_1m, output_per_1m=price.output_per_1m,
-                    extra=dict(extra or {}), credit_id=reservation.id)
+                admission = _credit_admission(
+                    reservation.id, call_id=call_id, route=route, requested_model=requested_model,
+                    call_type=call_type, ctx=ctx, now=now, max_tokens=reservation.max_tokens,
+                    worst=_worst(price, prompt_tokens, reserve_tokens), price=price, extra=extra)
             else:
                 admission = Admission(
                     call_id=call_id, route=route, requested_model=requested_model, call_type=call_type,
@@ -760,6 +755,21 @@ class Governor:
 
 
 
+def _worst(price: "Price", prompt_tokens: int, answer_tokens: int) -> float:
+    """A call's worst-case cost, computed as BudgetLedger.reserve computes it."""
+    return prompt_tokens * price.input_per_1m / 1e6 + answer_tokens * (price.output_per_1m / 1e6)
+
+
+def _credit_admission(block_id: str, *, call_id: str, route: str, requested_model: str, call_type: str,
+                      ctx: CallContext, now: dt.datetime, max_tokens: int, worst: float, price: "Price",
+                      extra: Mapping[str, Any] | None) -> Admission:
+    """The admission of a call admitted from admission-credit block ``block_id``."""
+    return Admission(call_id=call_id, route=route, requested_model=requested_model, call_type=call_type,
+                     context=ctx.as_dict(), started_at=now.isoformat(), max_tokens=max_tokens, clamped=False,
+                     reserved_usd=worst, price_id=price.id, input_per_1m=price.input_per_1m,
+                     output_per_1m=price.output_per_1m, extra=dict(extra or {}), credit_id=block_id)
+
+
 def _charged(record: "CallRecord", cost: float | None) -> bool:
     """Whether a finished call's reservation settles to a charge (else it is released unused)."""
     return record.ok or (cost or 0) > 0
@@ -793,6 +803,16 @@ def _q_finish_call() -> Any:
         stream=typed("stream_", c.stream)).returning(c.id)
 
 
+#: the budget windows the reservation in CTE ``res`` is held against, locked in budget-id order
+_PG_WLOCK = """wlock AS (
+    SELECT w.budget_id, w.window_start
+    FROM budget_windows w JOIN (SELECT e.pair->>0 AS budget_id, (e.pair->>1)::timestamptz AS window_start
+                                FROM res CROSS JOIN LATERAL json_array_elements(res.windows) AS e(pair)) k
+         ON w.budget_id = k.budget_id AND w.window_start = k.window_start
+    ORDER BY w.budget_id
+    FOR UPDATE OF w
+)"""
+
 #: see Governor._record_in_one_statement. Locks are taken in the order every other transaction takes them
 #: (the call row, its reservation, the budget windows in budget-id order, then the audit chain head), so
 #: settlements, admissions and refusals cannot deadlock: ``head`` reads ``win`` first, and ``fin`` — on
@@ -813,14 +833,7 @@ WITH fin AS (
     SELECT r.id, r.amount_usd, r.windows, r.status FROM reservations r
     WHERE r.id = %(rid)s AND r.status NOT IN ('settled', 'released') AND EXISTS (SELECT 1 FROM fin)
     FOR UPDATE
-), wlock AS (
-    SELECT w.budget_id, w.window_start
-    FROM budget_windows w JOIN (SELECT e.pair->>0 AS budget_id, (e.pair->>1)::timestamptz AS window_start
-                                FROM res CROSS JOIN LATERAL json_array_elements(res.windows) AS e(pair)) k
-         ON w.budget_id = k.budget_id AND w.window_start = k.window_start
-    ORDER BY w.budget_id
-    FOR UPDATE OF w
-), win AS (
+), {wlock}, win AS (
     UPDATE budget_windows w SET spent_usd = w.spent_usd + %(charge)s,
         reserved_usd = w.reserved_usd - CASE WHEN res.status = 'open' THEN res.amount_usd ELSE 0 END
     FROM wlock, res WHERE w.budget_id = wlock.budget_id AND w.window_start = wlock.window_start
@@ -833,7 +846,7 @@ WITH fin AS (
 ), {audit}
 SELECT (SELECT count(*) FROM fin) = 1 OR EXISTS (SELECT 1 FROM audit_head WHERE id = 1),
        (SELECT count(*) FROM fin) = 1 AND (SELECT count(*) FROM aud) = 1, (SELECT amount_usd FROM res)
-"""
+""".replace("{wlock}", _PG_WLOCK)
 
 
 #: see Governor._record_credit_in_one_statement: the block's reservation row, then its windows in budget-id
@@ -844,14 +857,7 @@ WITH res AS (
     SELECT r.id, r.windows, r.status FROM reservations r
     WHERE r.id = %(rid)s AND EXISTS (SELECT 1 FROM audit_head WHERE id = 1)
     FOR UPDATE
-), wlock AS (
-    SELECT w.budget_id, w.window_start
-    FROM budget_windows w JOIN (SELECT e.pair->>0 AS budget_id, (e.pair->>1)::timestamptz AS window_start
-                                FROM res CROSS JOIN LATERAL json_array_elements(res.windows) AS e(pair)) k
-         ON w.budget_id = k.budget_id AND w.window_start = k.window_start
-    ORDER BY w.budget_id
-    FOR UPDATE OF w
-), win AS (
+), {wlock}, win AS (
     UPDATE budget_windows w SET spent_usd = w.spent_usd + %(charge)s,
         reserved_usd = w.reserved_usd - CASE WHEN res.status = 'open' THEN %(less)s ELSE 0 END
     FROM wlock, res WHERE w.budget_id = wlock.budget_id AND w.window_start = wlock.window_start
@@ -879,4 +885,4 @@ WITH res AS (
     SELECT digest FROM audit_head WHERE id = 1 AND (SELECT count(*) FROM win) >= 0 FOR UPDATE
 ), {audit}
 SELECT EXISTS (SELECT 1 FROM ins)
-"""
+""".replace("{wlock}", _PG_WLOCK)
