@@ -67,6 +67,14 @@ def _call(router: Any, name: str, max_tokens: int = 32) -> Any:
                              metadata={**META, "tidyllm_call_id": name})
 
 
+def _burst(platform: Any, router: Any, prefix: str, n: int) -> list[dict[str, Any]]:
+    """``n`` calls in a row (a busy caller), then their settled rows."""
+    names = [f"{prefix}-{i}" for i in range(n)]
+    for name in names:
+        _call(router, name)
+    return [platform.wait_for_call(name) for name in names]
+
+
 def _reservations(platform: Any) -> Any:
     return platform.mart.sql("SELECT call_id, amount_usd, status, settled_usd FROM reservations")
 
@@ -80,10 +88,8 @@ def test_a_busy_caller_is_admitted_from_credit_and_every_call_is_written(
     original = platform.governor._record_credit_in_one_statement
     monkeypatch.setattr(platform.governor, "_record_credit_in_one_statement",
                         lambda *a, **k: one_statement.append(original(*a, **k)) or one_statement[-1])
-    names = [f"busy-{i}" for i in range(40)]
-    for name in names:
-        _call(router, name)
-    rows = [platform.wait_for_call(name) for name in names]
+    rows = _burst(platform, router, "busy", 40)
+    names = [r["id"] for r in rows]
 
     # one block of 32 worst cases pays for 32 calls: 40 calls took the first call's lease, two blocks,
     # and no write transaction at all on the caller's thread for the other 37
@@ -122,12 +128,8 @@ def test_a_busy_caller_is_admitted_from_credit_and_every_call_is_written(
 
 def test_unused_credit_goes_back_by_itself_when_the_caller_goes_quiet(platform: Any) -> None:
     platform.budgets.set("department", "risk", 10.0, "month")
-    router = _mock_router(platform)
-    for i in range(5):
-        _call(router, f"quiet-{i}")
-    for i in range(5):
-        platform.wait_for_call(f"quiet-{i}")
-    # read the window itself (status() would give the credit back first)
+    _burst(platform, _mock_router(platform), "quiet", 5)
+    # read the window itself (status() shows this process's unused credit as not reserved)
     held = lambda: float(platform.mart.sql("SELECT SUM(reserved_usd) AS r FROM budget_windows").iloc[0]["r"])  # noqa: E731
     assert held() > 0  # the block's unused part: no call is in flight
     deadline = time.monotonic() + 5
@@ -170,15 +172,11 @@ def test_near_the_limit_calls_are_admitted_one_by_one_and_idle_credit_never_refu
 def test_changing_a_budget_gives_this_process_credit_back_at_once(platform: Any) -> None:
     platform.budgets.set("department", "risk", 10.0, "month")
     router = _mock_router(platform)
-    for i in range(3):
-        _call(router, f"before-{i}")
-    worst = platform.wait_for_call("before-2")["reserved_usd"]
+    worst = _burst(platform, router, "before", 3)[-1]["reserved_usd"]
     platform.budgets.set("department", "risk", 2 * worst, "month")  # lowered below the block: it stops
     with pytest.raises(BudgetExceededError):
         for i in range(4):
             _call(router, f"after-{i}")
-    for i in range(3):
-        platform.wait_for_call(f"before-{i}")
     status = platform.budgets.status(scope="department", name="risk").iloc[0]
     assert status["reserved_usd"] == pytest.approx(0.0, abs=1e-12)
 
@@ -206,11 +204,7 @@ def test_credit_can_be_turned_off_and_bad_values_are_refused(db_url: str) -> Non
     try:
         p.prices.set("ep", 1.0, 2.0)
         p.budgets.set("department", "risk", 10.0, "month")
-        router = _mock_router(p)
-        for i in range(6):
-            _call(router, f"off-{i}")
-        for i in range(6):
-            p.wait_for_call(f"off-{i}")
+        _burst(p, _mock_router(p), "off", 6)
         assert sorted(_reservations(p)["call_id"]) == sorted(f"off-{i}" for i in range(6))
     finally:
         tidyllm.uninstall()

@@ -59,7 +59,7 @@ class _Block:
     """One block of credit: a reservation this process hands out to calls in memory."""
 
     __slots__ = ("id", "key", "day", "windows", "available", "outstanding", "last_used", "deadline",
-                 "retired", "closed", "io")
+                 "retired", "io")
 
     def __init__(self, res_id: str, key: Hashable, day: dt.datetime, windows: tuple[tuple[str, str], ...],
                  available: float, now: float, deadline: float) -> None:
@@ -75,7 +75,6 @@ class _Block:
         self.deadline = deadline
         #: no longer admitting; what is available goes back
         self.retired = False
-        self.closed = False
         #: serialises this block's database writes, so they commit in the order they were decided
         self.io = threading.Lock()
 
@@ -191,11 +190,6 @@ class AdmissionCredit:
                         out[window] = out.get(window, 0.0) + block.available
         return out
 
-    def owns(self, block_id: str) -> bool:
-        """Whether a block of this process is still open."""
-        with self._lock:
-            return block_id in self._open
-
     # --- giving credit back -----------------------------------------------------------------------
 
     def return_all(self) -> None:
@@ -226,10 +220,8 @@ class AdmissionCredit:
         with self._lock:
             give_back = block.available if block.retired else 0.0
             block.available -= give_back
-            close = block.retired and not block.outstanding and not block.closed
-            if close:
-                block.closed = True
-                self._open.pop(block.id, None)
+            # a block is closed once, by the write that leaves it out of ``_open``
+            close = block.retired and not block.outstanding and self._open.pop(block.id, None) is not None
         return give_back, close
 
     def _flush(self, block: _Block) -> None:
