@@ -84,7 +84,8 @@ Index("ix_outcomes_call", outcomes.c.call_id)
 llm_calls = Table(
     "llm_calls",
     metadata,
-    Column("id", String(64), primary_key=True, comment="LiteLLM call id (litellm_call_id)"),
+    Column("id", String(64), primary_key=True,
+           comment="call id: tidyllm's own per attempt, or the caller's unique tidyllm_call_id"),
     Column("started_at", _ts, nullable=False, comment="UTC time the governed call started"),
     Column("ended_at", _ts, comment="UTC time it ended"),
     Column("call_type", String(40), nullable=False, comment="completion, acompletion, embedding, ..."),
@@ -96,7 +97,9 @@ llm_calls = Table(
     Column("route", String(300), comment="gateway endpoint / deployment that served it"),
     Column("provider_model", String(300), comment="upstream model name the provider reported"),
     Column("status", String(20), nullable=False,
-           comment="success, failure, refused, or unenforced (plain sync call that bypassed enforcement)"),
+           comment="pending, success, failure, refused, unsettled (its owner died or its lease expired while "
+                   "it may have reached the provider: charged at its worst case until evidence corrects it), "
+                   "or unenforced (a call that reached a provider without admission)"),
     Column("stream", Boolean, nullable=False, default=False, comment="whether the call streamed"),
     Column("prompt_tokens", Integer, comment="input tokens reported by the provider"),
     Column("completion_tokens", Integer, comment="output tokens reported by the provider"),
@@ -109,10 +112,17 @@ llm_calls = Table(
     Column("error_type", String(200), comment="exception class on failure or refusal"),
     Column("error_message", Text, comment="exception message (secrets redacted)"),
     Column("outcome", String(20), comment="stream outcome: completed, abandoned or failed"),
+    Column("execution_id", String(36),
+           comment="executions.id of the tracked execution the call was made in (migration 0003)"),
+    Column("identity_source", String(32),
+           comment="where user and department came from: declared, default, token, notebook, proxy-key (0003)"),
+    Column("reserved_prompt_tokens", Integer,
+           comment="input tokens the reservation assumed; with prompt_tokens it teaches the estimate (0003)"),
     comment="One row per governed LLM call attempt.",
 )
 Index("ix_llm_calls_dept_started", llm_calls.c.department, llm_calls.c.started_at)
 Index("ix_llm_calls_route", llm_calls.c.route, llm_calls.c.started_at)
+Index("ix_llm_calls_execution", llm_calls.c.execution_id)
 
 audit_log = Table(
     "audit_log",
@@ -193,13 +203,29 @@ reservations = Table(
     Column("windows", _json, nullable=False, comment="[[budget_id, window_start], ...] it is held against"),
     Column("created_at", _ts, nullable=False, comment="UTC time reserved"),
     Column("expires_at", _ts, nullable=False, comment="lease end: after it the amount returns"),
-    Column("status", String(20), nullable=False, comment="open, settled, released or expired"),
+    Column("status", String(20), nullable=False,
+           comment="open, settled, released, expired (returned: nothing reached a provider), or unsettled "
+                   "(charged at its worst case because its call may have reached a provider; corrected by evidence)"),
     Column("settled_usd", Float, comment="actual cost charged at settlement"),
     Column("closed_at", _ts, comment="UTC time it was settled/released/expired"),
+    Column("owner", String(200),
+           comment="lease_owners.owner of the process holding the lease: reclaimed within seconds when it dies (0003)"),
     comment="Reserve-then-settle leases against budget windows.",
 )
 Index("ix_reservations_open", reservations.c.status, reservations.c.expires_at)
 Index("ix_reservations_call", reservations.c.call_id)
+
+lease_owners = Table(
+    "lease_owners",
+    metadata,
+    Column("owner", String(200), primary_key=True, comment="host:pid:process start time of a process holding leases"),
+    Column("host", String(200), nullable=False, comment="host name: on the same host a dead pid is seen at once"),
+    Column("pid", Integer, nullable=False, comment="process id"),
+    Column("started_at", _ts, nullable=False, comment="UTC time the process registered"),
+    Column("heartbeat_at", _ts, nullable=False,
+           comment="last sign of life: other hosts reclaim the leases of an owner whose heartbeat stopped"),
+    comment="Processes holding leases (migration 0003): dead owners' leases are reclaimed within seconds, not at TTL.",
+)
 
 budget_events = Table(
     "budget_events",
@@ -207,7 +233,7 @@ budget_events = Table(
     Column("id", String(36), primary_key=True, comment="UUID of the event"),
     Column("at", _ts, nullable=False, comment="UTC time"),
     Column("budget_id", String(36), comment="budget concerned"),
-    Column("kind", String(30), nullable=False, comment="soft_threshold, refused, expired_lease, clamped"),
+    Column("kind", String(30), nullable=False, comment="soft_threshold, refused, expired_lease, unsettled_lease, clamped"),
     Column("data", _json, nullable=False, comment="numbers at the time (spent, reserved, limit, call id)"),
     comment="Budget warnings and notable events.",
 )
