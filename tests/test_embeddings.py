@@ -12,7 +12,6 @@ from _fixtures import budget_status, instant_profiles, new_department, stack_fix
 
 from tidyllm.errors import BudgetExceededError, RouteNotAuthorizedError
 from tidyllm.gateway.simulator import count_tokens as sim_tokens
-from tidyllm.governance.engine import estimate_prompt_tokens
 from tidyllm.stack import LocalStack
 
 PRICE_IN = 0.02  # USD per 1M input tokens, the bundled embed route
@@ -50,7 +49,7 @@ def test_router_embedding_is_priced_per_input_token_reserved_settled_and_audited
     assert call["prompt_tokens"] == resp.usage.prompt_tokens == sum(sim_tokens(t) for t in batch)
     assert not call["completion_tokens"]
     assert call["cost_usd"] == pytest.approx(resp.usage.prompt_tokens * PRICE_IN / 1e6)
-    assert call["reserved_usd"] == pytest.approx(estimate_prompt_tokens("embed", text=batch) * PRICE_IN / 1e6)
+    assert call["reserved_usd"] == pytest.approx(stack.platform.governor.estimate_prompt("embed", text=batch) * PRICE_IN / 1e6)
     s = budget_status(stack, dept)
     assert s["spent_usd"] == pytest.approx(call["cost_usd"]) and s["reserved_usd"] == pytest.approx(0, abs=1e-15)
     row = stack.platform.audit.show(f"emb-{dept}")
@@ -129,7 +128,7 @@ def test_a_rag_pipeline_of_2000_chunks_stops_exactly_at_its_budget(stack: LocalS
     refused_batch = None
     for n, batch in enumerate(batches):
         before = budget_status(stack, dept)
-        worst = estimate_prompt_tokens("embed", text=batch) * PRICE_IN / 1e6
+        worst = stack.platform.governor.estimate_prompt("embed", text=batch) * PRICE_IN / 1e6
         try:
             resp = router.embedding(model="embed", input=batch, metadata=meta(dept, f"rag-{dept}-{n}"))
         except BudgetExceededError:

@@ -31,20 +31,41 @@ def _admit(platform: Any, max_tokens: int) -> Any:
                      max_tokens=max_tokens, prompt_tokens=10)
 
 
-def test_an_expired_lease_is_returned_before_a_call_is_refused(platform: Any) -> None:
-    """A lease whose process died is reclaimed by the next admission that needs its money — no reconcile."""
+def test_an_expired_lease_is_charged_until_its_call_reports(platform: Any) -> None:
+    """A lease whose time ran out while its call may be at the provider is charged at its worst case
+    (``unsettled``), by the next admission that needs its money — never simply returned; the call's own
+    settlement, arriving late, corrects the charge to the real cost."""
+    from tidyllm.records import CallRecord
+
     platform.budgets.set("department", "risk", 0.1, "month")
-    held = _admit(platform, 80)  # 10 in + 80 out tokens: $0.09 held, never settled (its process "died")
+    held = _admit(platform, 80)  # 10 in + 80 out tokens: $0.09 held, the call still out
     assert held.reserved_usd == pytest.approx(0.09)
     with pytest.raises(BudgetExceededError):
         _admit(platform, 50)  # the lease is still valid: $0.06 does not fit in $0.01
     time.sleep(0.6)  # past the TTL
-    admitted = _admit(platform, 50)
-    assert admitted.reserved_usd == pytest.approx(0.06) and not admitted.clamped
-    events = platform.mart.frame("budget_events", kind="expired_lease", parse_json=True)
+    with pytest.raises(BudgetExceededError) as refused:
+        _admit(platform, 50)  # the expired lease is charged, not returned: still no room
+    assert refused.value.spent_usd == pytest.approx(0.09) and refused.value.reserved_usd == pytest.approx(0, abs=1e-12)
+    events = platform.mart.frame("budget_events", kind="unsettled_lease", parse_json=True)
     assert list(events["data"].map(lambda d: d["call_id"])) == [held.call_id]
+    call = platform.mart.frame("llm_calls", id=held.call_id).iloc[0]
+    assert call["status"] == "unsettled" and call["cost_usd"] == pytest.approx(0.09)
+    # the call reports after all (10 in + 20 out tokens = $0.03): the charge is corrected
+    record = CallRecord(
+        ok=True, litellm_call_id=None, call_type="completion", stamp=None, metadata={}, model="ep", model_id=None,
+        model_group=None, provider=None, api_base=None, provider_model=None, stream=False, prompt_tokens=10,
+        completion_tokens=20, cached_tokens=None, reasoning_tokens=None, litellm_cost=None, latency_ms=1.0,
+        started_at=call["started_at"], ended_at=call["started_at"], error_type=None, error_message=None,
+        exception=None, messages=None, tools=None, mock=True, tool_calls=(), partial=False)
+    platform.governor._finish(record, held, None)
+    call = platform.mart.frame("llm_calls", id=held.call_id).iloc[0]
+    assert call["status"] == "success" and call["cost_usd"] == pytest.approx(0.03)
     status = platform.budgets.status(scope="department", name="risk").iloc[0]
-    assert status["reserved_usd"] == pytest.approx(0.06) and status["spent_usd"] == 0
+    assert status["spent_usd"] == pytest.approx(0.03) and status["reserved_usd"] == pytest.approx(0, abs=1e-12)
+    audit = platform.audit.frame(call_id=held.call_id)
+    assert list(audit["status"]) == ["unsettled", "success"] and platform.audit.verify().ok
+    admitted = _admit(platform, 50)  # $0.06 fits in the $0.07 left
+    assert admitted.reserved_usd == pytest.approx(0.06) and not admitted.clamped
 
 
 def test_a_refusal_after_expiry_still_names_the_real_numbers(platform: Any) -> None:
@@ -113,7 +134,7 @@ def test_an_image_is_reserved_by_its_token_cost_not_its_base64_length() -> None:
     IMAGE_TOKENS per image, and the text around it as before."""
     import base64
 
-    from tidyllm.governance.engine import IMAGE_TOKENS, estimate_prompt_tokens
+    from tidyllm.litellm_bridge.tokens import IMAGE_TOKENS, estimate_prompt_tokens
 
     text_only = [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"}]}]
     picture = "data:image/png;base64," + base64.b64encode(bytes(range(256)) * 2000).decode()  # ~680 KB
@@ -197,6 +218,8 @@ def test_settlement_chains_non_ascii_content_and_counts_a_call_once(db_url: str)
         router = p.govern(litellm.Router(model_list=[{
             "model_name": "chat", "model_info": {"id": "ep"},
             "litellm_params": {"model": "openai/ep", "mock_response": "Olá — ✓ 监管", "api_key": "x"}}]))
+        tokens: list[Any] = []
+        p.governor.add_listener(lambda rec, adm: tokens.append(rec.stamp))
         meta = {**META, "user_id": "josé", "audit_reason": "revisão ✓ 监管", "tidyllm_call_id": "unicode-1"}
         router.completion(model="chat", messages=[{"role": "user", "content": "Résumé 😀 \\ \" 监管"}],
                           max_tokens=8, metadata=meta)
@@ -209,17 +232,14 @@ def test_settlement_chains_non_ascii_content_and_counts_a_call_once(db_url: str)
         status = p.budgets.status(scope="department", name="risk").iloc[0]
         assert status["reserved_usd"] == pytest.approx(0.0, abs=1e-12)
         assert status["spent_usd"] == pytest.approx(row["cost_usd"])
-        # LiteLLM delivering the success event twice: the second finds the call finished and writes nothing
-        stamp = {"call_id": "unicode-1", "route": "ep", "requested_model": "chat", "call_type": "completion",
-                 "context": {"department": "risk"}, "started_at": row["started_at"].isoformat(), "max_tokens": 8,
-                 "clamped": False, "reservation_id": None, "input_per_1m": 1.0, "output_per_1m": 2.0}
+        # LiteLLM delivering the success event twice: the second finds the seal claimed and writes nothing
         record = CallRecord(
-            ok=True, litellm_call_id=None, call_type="completion", stamp=stamp, metadata={}, model="ep",
+            ok=True, litellm_call_id=None, call_type="completion", stamp=tokens[0], metadata={}, model="ep",
             model_id=None, model_group=None, provider=None, api_base=None, provider_model=None, stream=False,
             prompt_tokens=1, completion_tokens=1, cached_tokens=None, reasoning_tokens=None, litellm_cost=None,
             latency_ms=1.0, started_at=row["started_at"], ended_at=row["started_at"], error_type=None,
             error_message=None, exception=None, messages=None, tools=None, mock=True, tool_calls=(), partial=False)
-        p.governor.finish(record)
+        p.governor.dispatch(record)
         assert len(p.audit.frame()) == 1
         assert p.budgets.status(scope="department", name="risk").iloc[0]["spent_usd"] == pytest.approx(row["cost_usd"])
         with p.mart.store.begin(write=True) as conn:

@@ -16,7 +16,7 @@ import pytest
 from _fixtures import budget_status, instant_profiles, new_department, stack_fixture
 
 from tidyllm.errors import BudgetExceededError
-from tidyllm.governance.engine import count_tokens
+from tidyllm.litellm_bridge.tokens import count_tokens
 from tidyllm.stack import LocalStack
 
 ANSWER_TOKENS = 60

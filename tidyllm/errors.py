@@ -84,96 +84,20 @@ class RoutingError(TidyLLMError):
 #
 # LiteLLM's Router retries and falls back on ordinary exceptions (6 attempts with
 # num_retries=2), but not on ``litellm.BudgetExceededError``. A refusal is final, so these
-# classes subclass it. Building them needs litellm, so they are created on first access.
+# classes subclass it. They are defined at module level in :mod:`tidyllm.litellm_bridge.errors`
+# (which imports litellm, slowly) and become attributes of this module on first access; their
+# ``__module__`` is this one, so they pickle and unpickle by these names.
 
 _LAZY = ("BudgetExceededError", "RouteNotAuthorizedError", "RateLimitedError", "MetadataError",
          "UnpricedModelError")
-_built: dict[str, type] = {}
-
-
-def _build() -> None:
-    from tidyllm._litellm import import_litellm
-
-    litellm = import_litellm()
-    base = litellm.BudgetExceededError
-
-    class BudgetExceededError(GovernanceError, base):  # type: ignore[misc, valid-type]
-        """A call's worst-case cost does not fit in an enclosing budget.
-
-        Attributes ``scope``, ``name``, ``spent_usd``, ``reserved_usd``, ``limit_usd`` and
-        LiteLLM's ``current_cost`` / ``max_budget`` describe the tightest budget.
-        """
-
-        rule = "budget"
-
-        def __init__(self, message: str, *, scope: str = "", name: str = "", spent_usd: float = 0.0,
-                     reserved_usd: float = 0.0, limit_usd: float = 0.0) -> None:
-            base.__init__(self, current_cost=spent_usd + reserved_usd, max_budget=limit_usd, message=message)
-            self.message = message
-            self.scope, self.name = scope, name
-            self.spent_usd, self.reserved_usd, self.limit_usd = spent_usd, reserved_usd, limit_usd
-
-        def __str__(self) -> str:
-            return self.message
-
-    class RouteNotAuthorizedError(GovernanceError, base):  # type: ignore[misc, valid-type]
-        """The caller's department or data-sensitivity class may not use the requested route."""
-
-        rule = "authorization"
-
-        def __init__(self, message: str, *, rule: str = "authorization") -> None:
-            base.__init__(self, current_cost=0.0, max_budget=0.0, message=message)
-            self.message, self.rule = message, rule
-
-        def __str__(self) -> str:
-            return self.message
-
-    class RateLimitedError(GovernanceError, base):  # type: ignore[misc, valid-type]
-        """A requests- or tokens-per-minute limit is reached; retry after ``retry_after`` seconds."""
-
-        rule = "rate_limit"
-
-        def __init__(self, message: str, *, retry_after: float = 0.0, rule: str = "rate_limit") -> None:
-            base.__init__(self, current_cost=0.0, max_budget=0.0, message=message)
-            self.message, self.retry_after, self.rule = message, retry_after, rule
-
-        def __str__(self) -> str:
-            return self.message
-
-    class MetadataError(GovernanceError, ValueError, base):  # type: ignore[misc, valid-type]
-        """The caller context (``metadata=``) is missing a required key or has a wrong value."""
-
-        rule = "metadata"
-
-        def __init__(self, message: str) -> None:
-            base.__init__(self, current_cost=0.0, max_budget=0.0, message=message)
-            self.message = message
-
-        def __str__(self) -> str:
-            return self.message
-
-    class UnpricedModelError(GovernanceError, base):  # type: ignore[misc, valid-type]
-        """A call under a budget names a model tidyllm has no price for, and policy is to fail closed."""
-
-        rule = "unpriced"
-
-        def __init__(self, message: str) -> None:
-            base.__init__(self, current_cost=0.0, max_budget=0.0, message=message)
-            self.message = message
-
-        def __str__(self) -> str:
-            return self.message
-
-    for cls in (BudgetExceededError, RouteNotAuthorizedError, RateLimitedError, MetadataError, UnpricedModelError):
-        cls.__module__ = __name__
-        _built[cls.__name__] = cls
-        # module attributes from now on: later imports find them without calling __getattr__
-        globals()[cls.__name__] = cls
 
 
 def __getattr__(name: str) -> type:
     if name in _LAZY:
-        if not _built:
-            _build()
-        return _built[name]
+        from tidyllm.litellm_bridge import errors as bridged
+
+        for lazy in _LAZY:
+            # module attributes from now on: later lookups do not come through here
+            globals()[lazy] = getattr(bridged, lazy)
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,6 +43,8 @@ class Platform:
         from tidyllm.governance.audit import AuditTrail
         from tidyllm.governance.budgets import BudgetLedger
         from tidyllm.governance.engine import Governor
+        from tidyllm.governance.gate import Gate
+        from tidyllm.governance.spool import Spool, spool_dir_for
         from tidyllm.governance.policy import AuthorizationPolicy, RouteFacts
         from tidyllm.governance.ratelimit import RateLimiter
         from tidyllm.mart import get_tidymart
@@ -54,7 +56,8 @@ class Platform:
         self.mart = get_tidymart(settings)
         self.prices = PriceBook(self.mart)
         self.budgets = BudgetLedger(self.mart, timezone=gov.timezone, lease_ttl_seconds=gov.lease_ttl_seconds,
-                                    soft_threshold=gov.soft_threshold, credit_calls=gov.admission_credit_calls)
+                                    soft_threshold=gov.soft_threshold, credit_calls=gov.admission_credit_calls,
+                                    heartbeat_seconds=gov.owner_heartbeat_seconds)
         self.policy = AuthorizationPolicy(settings.authorization)
         self.audit = AuditTrail(self.mart, capture=settings.audit.capture)
         self.limiter = RateLimiter(settings.rate_limits)
@@ -80,8 +83,15 @@ class Platform:
                              soft_threshold=raw.get("soft_threshold"))
         self.governor = Governor(self.mart, settings=gov, defaults=settings.defaults, prices=self.prices,
                                  budgets=self.budgets, policy=self.policy, audit=self.audit, limiter=self.limiter,
-                                 routes=facts, gateway_api_bases=self.gateway.api_bases())
+                                 routes=facts, gateway_api_bases=self.gateway.api_bases(),
+                                 spool=Spool(spool_dir_for(self.mart.url, gov.spool_dir)))
+        #: the one admission sequence every LiteLLM entry point calls (tidyllm.governance.gate)
+        self.gate = Gate(self.governor)
         self.governor.add_listener(self._health_listener)
+        self.budgets.reclaim_charge = self.governor.reclaim_charge
+        self.budgets.owners.start()
+        # what dead processes on this host left: kept settlements replayed, their leases reclaimed
+        self.governor.recover()
         self.budgets.reconcile()
         self._callbacks: Any = None
         self._provider: Any = None
@@ -97,14 +107,16 @@ class Platform:
 
     def _register(self) -> None:
         from tidyllm._litellm import import_litellm
-        from tidyllm.governance.hooks import make_callbacks
-        from tidyllm.governance.provider import PROVIDER, make_provider
+        from tidyllm.litellm_bridge.callbacks import GovernanceCallbacks
+        from tidyllm.litellm_bridge.exit import settle_at_exit
+        from tidyllm.litellm_bridge.provider import PROVIDER, TidyLLMProvider
 
         litellm = import_litellm()
         name = hashlib.sha1(self.mart.url.encode()).hexdigest()[:12]
-        self._callbacks = make_callbacks(self.governor, name, self.resolve)
+        self._callbacks = GovernanceCallbacks(self.gate, name, self.resolve)
         litellm.logging_callback_manager.add_litellm_callback(self._callbacks)
-        self._provider = make_provider(self.router)
+        settle_at_exit(self.governor)
+        self._provider = TidyLLMProvider(self.router)
         litellm.custom_provider_map = [p for p in litellm.custom_provider_map if p.get("provider") != PROVIDER]
         litellm.custom_provider_map.append({"provider": PROVIDER, "custom_handler": self._provider})
         from litellm.utils import custom_llm_setup
@@ -117,7 +129,7 @@ class Platform:
         litellm = sys.modules.get("litellm")
         if litellm is None:
             return
-        from tidyllm.governance.provider import PROVIDER
+        from tidyllm.litellm_bridge.provider import PROVIDER
 
         if self._callbacks is not None:
             litellm.logging_callback_manager.remove_callback_from_all_lists(self._callbacks)
@@ -158,9 +170,9 @@ class Platform:
 
     def govern(self, router: Any, *, gateway_routes: set[str] | None = None) -> Any:
         """Attach tidyllm's governed routing strategy to any ``litellm.Router``; returns it."""
-        from tidyllm.routing.strategy import build_strategy
+        from tidyllm.litellm_bridge.strategy import build_strategy
 
-        router.register_plugin(build_strategy(router, self.governor, self.routes, self.chooser(),
+        router.register_plugin(build_strategy(router, self.gate, self.routes, self.chooser(),
                                               gateway_routes=gateway_routes))
         return router
 
@@ -233,7 +245,10 @@ class Platform:
         """Unregister from LiteLLM, give back unused admission credit and drop the log filter (the mart stays
         open for other users)."""
         self._unregister()
+        self.budgets.owners.stop()
         try:
+            if self.governor.spool is not None:
+                self.governor.spool.drain(self.governor.apply)
             self.budgets.credit.return_all()
         except Exception:  # noqa: BLE001 - a closed database: the credit's lease expires
             logging.getLogger("tidyllm.governance").warning("could not give back admission credit", exc_info=True)

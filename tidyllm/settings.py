@@ -65,6 +65,14 @@ class GovernanceSettings:
     #: worst cases per admission-credit block: a busy process admits calls from headroom it reserved in advance,
     #: with no database write before the provider is called (docs/governance.md); 0 admits every call alone
     admission_credit_calls: int = 32
+    #: folder of the per-process settlement journal (a settlement write that fails is kept there and replayed;
+    #: admission-credit calls are written ahead there); default: ``spool/`` beside the mart's SQLite file, or
+    #: ``$TIDYLLM_HOME/spool`` (``~/.local/share/tidyllm/spool``) for PostgreSQL
+    spool_dir: str | None = None
+    #: tokenizer uncertainty added to every reserved prompt (0.05 = 5 %): providers' tokenizers differ
+    estimate_margin: float = 0.05
+    #: seconds between a lease-holding process's heartbeats; another host reclaims its leases after 3 missed
+    owner_heartbeat_seconds: float = 2.0
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,12 @@ import datetime as dt
 import functools
 import logging
 import math
+import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
@@ -27,7 +29,7 @@ from sqlalchemy.engine import Connection
 
 from tidyllm.errors import ConfigurationError
 from tidyllm.mart.fastsql import Tx, json_value
-from tidyllm.mart.schema import budget_events, budget_windows, budgets, reservations
+from tidyllm.mart.schema import budget_events, budget_windows, budgets, lease_owners, reservations
 from tidyllm.mart.store import as_utc, utcnow
 
 if TYPE_CHECKING:
@@ -36,7 +38,8 @@ if TYPE_CHECKING:
     from tidyllm.governance.context import CallContext
     from tidyllm.mart import TidyMart
 
-__all__ = ["BudgetLedger", "Reservation", "Refusal", "SCOPES", "PERIODS", "usd", "window_bounds"]
+__all__ = ["BudgetLedger", "Reservation", "Refusal", "Lease", "LeaseOwners", "SCOPES", "PERIODS", "usd",
+           "window_bounds"]
 
 log = logging.getLogger("tidyllm.governance")
 
@@ -59,6 +62,92 @@ class Reservation:
     windows: tuple[tuple[str, str], ...]
     #: an admission-credit block (see tidyllm.governance.credit), not one call's lease
     credit: bool = False
+
+
+@dataclass(frozen=True)
+class Lease:
+    """An open reservation being reclaimed (see :meth:`BudgetLedger.expire_leases`)."""
+
+    id: str
+    amount: float
+    windows: tuple[tuple[str, ...], ...]
+    #: the call it pays for, or ``credit:<id>`` for an admission-credit block
+    call_id: str
+    #: ``host:pid:start`` of the process that held it
+    owner: str | None
+
+
+class LeaseOwners:
+    """This process as a lease owner: its id on every reservation it makes, and — on a shared
+    (PostgreSQL) mart — a heartbeat in ``lease_owners``, so that other hosts can tell it is alive."""
+
+    def __init__(self, store: Any, *, heartbeat_seconds: float = 2.0) -> None:
+        self._store = store
+        self.heartbeat_seconds = float(heartbeat_seconds)
+        self._pid = -1
+        self._owner = ""
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @property
+    def owner(self) -> str:
+        """This process's owner id (``host:pid:start``; a forked child gets its own)."""
+        if self._pid != os.getpid():
+            from tidyllm.governance.spool import owner_id
+
+            self._owner = owner_id()
+            self._pid = os.getpid()
+            self._thread = None
+        return self._owner
+
+    def start(self) -> None:
+        """Register this process and keep its heartbeat (PostgreSQL marts: they span hosts)."""
+        owner = self.owner
+        if self._store.dialect != "postgresql" or self._thread is not None:
+            return
+        self._beat(owner)
+        self._thread = threading.Thread(target=self._run, args=(owner,), name="tidyllm-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _beat(self, owner: str) -> None:
+        from sqlalchemy.dialects.postgresql import insert
+
+        host, pid, _ = owner.rsplit(":", 2)
+        now = utcnow()
+        statement = insert(lease_owners).values(owner=owner, host=host, pid=int(pid), started_at=now,
+                                                heartbeat_at=now)
+        with self._store.begin(write=True) as conn:
+            conn.execute(statement.on_conflict_do_update(index_elements=[lease_owners.c.owner],
+                                                         set_={"heartbeat_at": now}))
+
+    def _run(self, owner: str) -> None:
+        while not self._stop.wait(self.heartbeat_seconds):
+            if owner != self.owner:
+                return
+            try:
+                self._beat(owner)
+            except Exception:  # noqa: BLE001 - a missed beat only lets another host reclaim sooner
+                log.debug("lease heartbeat failed", exc_info=True)
+
+    def why_reclaim(self, owner: str | None, expires_at: dt.datetime | None, heartbeat: dt.datetime | None,
+                    now: dt.datetime, alive: dict[str, bool | None]) -> str | None:
+        """Why a lease held by ``owner`` should be reclaimed now, or None."""
+        from tidyllm.governance.spool import owner_alive
+
+        if owner and owner != self.owner:
+            if owner not in alive:
+                alive[owner] = owner_alive(owner)
+            if alive[owner] is False:
+                return "owner-dead"
+            if alive[owner] is None and heartbeat is not None \
+                    and (now - heartbeat).total_seconds() > 3 * self.heartbeat_seconds:
+                return "owner-silent"
+        if expires_at is not None and expires_at < now:
+            return "expired"
+        return None
 
 
 @dataclass(frozen=True)
@@ -116,7 +205,7 @@ class BudgetLedger:
     """Budgets, their windows and reservations, in the mart. Thread- and process-safe."""
 
     def __init__(self, mart: "TidyMart", *, timezone: str = "UTC", lease_ttl_seconds: float = 300.0,
-                 soft_threshold: float = 0.8, credit_calls: int = 32) -> None:
+                 soft_threshold: float = 0.8, credit_calls: int = 32, heartbeat_seconds: float = 2.0) -> None:
         try:
             self.tz = ZoneInfo(timezone)
         except Exception as exc:  # ZoneInfoNotFoundError, ValueError
@@ -140,6 +229,11 @@ class BudgetLedger:
 
         #: this process's admission-credit blocks (see tidyllm.governance.credit)
         self.credit = AdmissionCredit(self, calls=credit_calls)
+        #: who holds leases: this process's owner id and heartbeat (see LeaseOwners)
+        self.owners = LeaseOwners(self._store, heartbeat_seconds=heartbeat_seconds)
+        #: ``(tx, lease, reason, now) -> charge``: what a reclaimed lease is charged, and the call and audit rows
+        #: that say so (set by the Governor); by default the whole amount, as its call may have reached a provider
+        self.reclaim_charge: Callable[[Tx, "Lease", str, dt.datetime], float] = lambda tx, lease, why, now: lease.amount
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -237,18 +331,34 @@ class BudgetLedger:
                                           user=ctx.user_id, route=route, model=model)[0]
 
     def expire_leases(self, tx: Any, now: dt.datetime) -> int:
-        """Return the amounts of expired leases to their budgets. Runs inside a write transaction."""
+        """Reclaim the leases whose time is up or whose owner is gone. Runs inside a write transaction.
+
+        A lease is reclaimed when its TTL passed, when its owner process is dead (same host: its pid
+        is gone), or when its owner on another host missed three heartbeats. Its call may have reached
+        a provider, so it is not simply returned: :attr:`reclaim_charge` says what to charge (the worst
+        case of the calls that may have been answered; the rest goes back), and the lease becomes
+        ``unsettled`` — later evidence (the call's own settlement, replayed) corrects it."""
         tx = Tx.of(tx, self._store)
-        stale = tx.all("reservations.stale", _q_stale, now=now)
-        for res_id, amount, windows, call_id in stale:
-            self._add(tx, json_value(windows), reserved=-amount)
-            tx.run("reservations.close", _q_close_reservation, rid=res_id, new_status="expired", settled=None,
-                   closed=now)
-            self.record_event(tx, now, None, "expired_lease",
-                        {"reservation_id": res_id, "call_id": call_id, "amount_usd": amount})
-            log.warning("reservation %s for call %s expired; $%.6f returned to its budgets", res_id, call_id, amount)
+        rows = tx.all("reservations.open_others", _q_open_leases, now=now, me=self.owners.owner)
+        reclaimed = 0
+        alive: dict[str, bool | None] = {}
+        for res_id, amount, windows, call_id, owner, expires_at, heartbeat in rows:
+            why = self.owners.why_reclaim(owner, as_utc(expires_at), as_utc(heartbeat), now, alive)
+            if why is None:
+                continue
+            lease = Lease(res_id, float(amount), tuple(tuple(w) for w in json_value(windows)), call_id, owner)
+            charge = min(max(float(self.reclaim_charge(tx, lease, why, now)), 0.0), lease.amount)
+            self._add(tx, lease.windows, spent=charge, reserved=-lease.amount)
+            tx.run("reservations.close", _q_close_reservation, rid=res_id,
+                   new_status="unsettled" if charge > 0 else "expired", settled=charge, closed=now)
+            self.record_event(tx, now, None, "unsettled_lease" if charge > 0 else "expired_lease",
+                              {"reservation_id": res_id, "call_id": call_id, "amount_usd": amount, "reason": why,
+                               "charged_usd": charge, "owner": owner})
+            log.warning("reservation %s for %s reclaimed (%s): $%.6f charged as unsettled, $%.6f returned",
+                        res_id, call_id, why, charge, lease.amount - charge)
+            reclaimed += 1
         self._next_expiry = time.monotonic() + self.expiry_interval
-        return len(stale)
+        return reclaimed
 
     def maybe_expire_leases(self, tx: Any, now: dt.datetime) -> int:
         """:meth:`expire_leases`, at most once per ``expiry_interval`` seconds in this process."""
@@ -271,7 +381,7 @@ class BudgetLedger:
         res_id = str(uuid.uuid4())
         params = dict(call_row, department=ctx.department, user=ctx.user_id, route=route, model=model, **starts,
                       worst=worst, res_id=res_id, call_id=call_id, now=now,
-                      expires=now + dt.timedelta(seconds=self.lease_ttl))
+                      expires=now + dt.timedelta(seconds=self.lease_ttl), owner=self.owners.owner)
         with self._store.autocommit() as cursor:
             ok, locked, rows = cursor.execute(_PG_RESERVE, params).fetchone()
         if not ok:
@@ -286,9 +396,9 @@ class BudgetLedger:
 
     @property
     def expiry_interval(self) -> float:
-        """How often admissions look for expired leases: a tenth of the TTL, between 0.2 and 30 s
-        (a reservation that would be refused looks every time, before refusing)."""
-        return min(max(self.lease_ttl / 10.0, 0.2), 30.0)
+        """How often admissions look for expired leases and dead owners: a tenth of the TTL, between 0.2
+        and 5 s (a reservation that would be refused looks every time, before refusing)."""
+        return min(max(self.lease_ttl / 10.0, 0.2), 5.0)
 
     def record_event(self, tx: Tx, now: dt.datetime, budget_id: str | None, kind: str, data: dict[str, Any]) -> None:
         """A ``budget_events`` row in transaction ``tx``."""
@@ -383,7 +493,7 @@ class BudgetLedger:
         self._remember(windows, worst)
         tx.run("reservations.insert", _q_insert_reservation, id=res_id, call_id=holder, amount_usd=worst,
                windows=[list(k) for k in keys], created_at=now,
-               expires_at=now + dt.timedelta(seconds=self.lease_ttl), status="open")
+               expires_at=now + dt.timedelta(seconds=self.lease_ttl), status="open", owner=self.owners.owner)
         return Reservation(res_id, worst, tokens, clamped, keys, credit)
 
     def _remember(self, windows: list[tuple[dict[str, Any], dict[str, Any]]], adding: float) -> None:
@@ -428,13 +538,12 @@ class BudgetLedger:
         row = tx.one("reservations.lock", _q_lock_reservation, rid=reservation_id)
         if row is None or row[2] in ("settled", "released"):
             return
-        amount, windows, state, call_id = row
-        if actual_usd > amount + 1e-12:
-            log.warning("call %s cost $%.6f, more than the $%.6f reserved for its worst case",
-                        call_id, actual_usd, amount)
-        # an expired lease already gave its amount back: only the spend is added
+        amount, windows, state, call_id, charged = row
+        # an expired lease already gave its amount back: only the spend is added; an unsettled one was
+        # charged its worst case: the spend is corrected to the actual cost
         give_back = -amount if state == "open" else 0.0
-        self._add(tx, json_value(windows), spent=actual_usd, reserved=give_back)
+        spent = actual_usd - (charged or 0.0) if state == "unsettled" else actual_usd
+        self._add(tx, json_value(windows), spent=spent, reserved=give_back)
         tx.run("reservations.close", _q_close_reservation, rid=reservation_id, new_status=status,
                settled=actual_usd, closed=now)
 
@@ -449,6 +558,9 @@ class BudgetLedger:
             return
         state = row[2]
         give_back = -less if state == "open" else 0.0
+        if state == "unsettled":
+            # the reclaim charged the block's remainder (this call's share included): correct it
+            spent -= less
         if spent or give_back:
             self._add(tx, windows, spent=spent, reserved=give_back)
         tx.run("reservations.credit", _q_credit_reduce, rid=block_id, less=less if state == "open" else 0.0,
@@ -657,19 +769,21 @@ WITH lock AS (
     FROM lock WHERE w.budget_id = lock.budget_id AND w.window_start = lock.window_start
         AND (SELECT ok FROM verdict)
 ), res AS (
-    INSERT INTO reservations (id, call_id, amount_usd, windows, created_at, expires_at, status)
+    INSERT INTO reservations (id, call_id, amount_usd, windows, created_at, expires_at, status, owner)
     SELECT %(res_id)s, %(call_id)s, %(worst)s,
            (SELECT json_agg(json_build_array(budget_id, to_char(window_start AT TIME ZONE 'UTC',
                                                                 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"'))
                             ORDER BY budget_id) FROM lock),
-           %(now)s, %(expires)s, 'open'
+           %(now)s, %(expires)s, 'open', %(owner)s
     WHERE (SELECT ok AND locked > 0 FROM verdict)
 ), ins AS (
     INSERT INTO llm_calls (id, started_at, call_type, user_id, department, use_case, data_sensitivity,
-                           requested_model, route, status, stream, reserved_usd, price_id)
+                           requested_model, route, status, stream, reserved_usd, price_id, execution_id,
+                           identity_source, reserved_prompt_tokens)
     SELECT %(call_id)s, %(now)s, %(call_type)s, %(user_id)s, %(department)s, %(use_case)s, %(data_sensitivity)s,
            %(requested_model)s, %(route)s, 'pending', %(stream)s,
-           CASE WHEN (SELECT locked FROM verdict) > 0 THEN %(worst)s ELSE 0 END, %(price_id)s
+           CASE WHEN (SELECT locked FROM verdict) > 0 THEN %(worst)s ELSE 0 END, %(price_id)s, %(execution_id)s,
+           %(identity_source)s, %(reserved_prompt_tokens)s
     WHERE (SELECT ok FROM verdict)
     RETURNING 1
 )
@@ -688,15 +802,20 @@ def _q_insert_event() -> Any:
     return budget_events.insert(), [c.name for c in budget_events.c]
 
 
-def _q_stale() -> Any:
-    r = reservations.c
-    return (sa.select(r.id, r.amount_usd, r.windows, r.call_id)
-            .where(r.status == "open", r.expires_at < sa.bindparam("now")).with_for_update(skip_locked=True))
+def _q_open_leases() -> Any:
+    """Open leases that may need reclaiming: past their TTL, or held by another process."""
+    r, o = reservations.c, lease_owners.c
+    return (sa.select(r.id, r.amount_usd, r.windows, r.call_id, r.owner, r.expires_at, o.heartbeat_at)
+            .select_from(reservations.outerjoin(lease_owners, o.owner == r.owner))
+            .where(r.status == "open", sa.or_(r.expires_at < sa.bindparam("now"), r.owner.is_(None),
+                                               r.owner != sa.bindparam("me")))
+            .with_for_update(of=reservations, skip_locked=True))
 
 
 def _q_lock_reservation() -> Any:
     r = reservations.c
-    return sa.select(r.amount_usd, r.windows, r.status, r.call_id).where(r.id == sa.bindparam("rid")).with_for_update()
+    return sa.select(r.amount_usd, r.windows, r.status, r.call_id, r.settled_usd).where(
+        r.id == sa.bindparam("rid")).with_for_update()
 
 
 def _q_close_reservation() -> Any:

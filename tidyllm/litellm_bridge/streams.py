@@ -34,14 +34,25 @@ import weakref
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from tidyllm.records import chunk_facts, stream_stamp
+from tidyllm.litellm_bridge.records import chunk_facts, stream_token
 
 if TYPE_CHECKING:
-    from tidyllm.governance.engine import Governor
+    from tidyllm.governance.engine import Admission, Governor
 
-__all__ = ["GovernedStream", "AsyncGovernedStream", "StreamTally", "guard_router_streams"]
+__all__ = ["GovernedStream", "AsyncGovernedStream", "StreamTally", "guard_router_streams", "run_blocking"]
 
 log = logging.getLogger("tidyllm.governance")
+async def run_blocking(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run blocking ``fn`` off the event loop; inline when no thread can take it (interpreter shutdown:
+    ``cannot schedule new futures after interpreter shutdown``), so a settlement is never lost."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except RuntimeError as exc:
+        if "shutdown" not in str(exc) and "new thread" not in str(exc):
+            raise
+    return fn(*args, **kwargs)
+
+
 #: ways a stream ends early that are the caller's doing, not the provider's
 _ABANDONING = (GeneratorExit, KeyboardInterrupt, asyncio.CancelledError)
 
@@ -49,9 +60,11 @@ _ABANDONING = (GeneratorExit, KeyboardInterrupt, asyncio.CancelledError)
 class StreamTally:
     """What a governed stream delivered to its caller so far (updated chunk by chunk)."""
 
-    def __init__(self, stamp: Mapping[str, Any], messages: Any, tools: Any) -> None:
-        self.stamp = dict(stamp)
-        self.call_id: str = str(stamp["call_id"])
+    def __init__(self, admission: "Admission", token: str, messages: Any, tools: Any) -> None:
+        self.admission = admission
+        #: the seal token of the call: settling the stream claims it (LiteLLM's late event then finds nothing)
+        self.token = token
+        self.call_id: str = admission.call_id
         self.messages = messages
         self.tools = tools
         self.text: list[str] = []
@@ -207,7 +220,7 @@ class AsyncGovernedStream(_Guard):
             raise
         except BaseException as exc:
             # the mart write is blocking work: off the event loop
-            await asyncio.to_thread(_settle, *self._stop(exc))
+            await run_blocking(_settle, *self._stop(exc))
             raise
         self._tally.add(chunk)
         return chunk
@@ -218,7 +231,7 @@ class AsyncGovernedStream(_Guard):
             await self._inner.aclose()
         finally:
             if not self._tally.completed:
-                await asyncio.to_thread(_settle, *self._stop(None))
+                await run_blocking(_settle, *self._stop(None))
 
     async def __aenter__(self) -> "AsyncGovernedStream":
         return self
@@ -230,10 +243,11 @@ class AsyncGovernedStream(_Guard):
 def _wrap(result: Any, governor: "Governor", kwargs: Mapping[str, Any], cls: type[_Guard]) -> Any:
     if isinstance(result, _Guard) or not kwargs.get("stream"):
         return result
-    stamp = stream_stamp(result)
-    if stamp is None or not stamp.get("call_id"):
+    token = stream_token(result)
+    admission = governor.seals.peek(token)
+    if admission is None:
         return result  # not admitted by tidyllm (a router governed elsewhere): nothing to settle
-    return cls(result, governor, StreamTally(stamp, kwargs.get("messages"), kwargs.get("tools")))
+    return cls(result, governor, StreamTally(admission, token, kwargs.get("messages"), kwargs.get("tools")))
 
 
 def guard_router_streams(router: Any, governor: "Governor") -> None:

@@ -1,0 +1,102 @@
+"""Sealed admissions: only the gate can admit a call, and an admission cannot be forged or copied.
+
+An admission never travels as data a caller could write. The gate keeps it here, in this process's
+memory, under a random token it generates for the attempt, and puts only the token into *its own
+copy* of the request (``metadata["tidyllm"]``). When the call finishes, the settlement callback
+*claims* the token: the admission comes out exactly once. A token tidyllm never issued (a caller
+wrote ``{"tidyllm": ...}`` into its metadata) or one already claimed (a copy of a finished call's
+token) yields nothing; the entry points strip such values before governing the call and audit the
+attempt as a forgery.
+
+Tokens are 128 random bits (:func:`secrets.token_hex`): guessing a live one is not a strategy.
+A token lives until its call is settled; one whose call never reports back (LiteLLM dropped the
+event) is dropped after ``max_age`` seconds — its lease is reclaimed by the ledger anyway.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from typing import Generic, TypeVar
+
+__all__ = ["Seals", "TOKEN_PREFIX"]
+
+#: every token starts with this, so a forged value is recognisable in the audit trail
+TOKEN_PREFIX = "tidyllm-seal:"
+T = TypeVar("T")
+
+
+class Seals(Generic[T]):
+    """This process's live admissions, by the token the gate issued for each."""
+
+    def __init__(self, *, max_age: float = 3600.0, remember_claimed: int = 65_536) -> None:
+        self.max_age = max_age
+        self._live: dict[str, tuple[T, float]] = {}
+        #: tokens settled recently: a second event for the same call is a duplicate, not a forgery
+        self._claimed: "OrderedDict[str, None]" = OrderedDict()
+        self._remember = remember_claimed
+        self._hook_seen: set[str] = set()
+        self._lock = threading.Lock()
+        self._next_prune = time.monotonic() + max_age
+
+    def seal(self, admission: T) -> str:
+        """Keep ``admission`` and return the token that stands for it."""
+        token = TOKEN_PREFIX + secrets.token_hex(16)
+        now = time.monotonic()
+        with self._lock:
+            self._live[token] = (admission, now)
+            if now >= self._next_prune:
+                self._prune(now)
+        return token
+
+    def peek(self, token: object) -> T | None:
+        """The live admission behind ``token`` (not consumed), or None."""
+        if not isinstance(token, str):
+            return None
+        entry = self._live.get(token)
+        return entry[0] if entry is not None else None
+
+    def claim(self, token: object) -> T | None:
+        """Take the admission behind ``token`` out: the first claim gets it, every later one None."""
+        if not isinstance(token, str):
+            return None
+        with self._lock:
+            entry = self._live.pop(token, None)
+            self._hook_seen.discard(token)
+            if entry is not None:
+                self._claimed[token] = None
+                if len(self._claimed) > self._remember:
+                    self._claimed.popitem(last=False)
+        return entry[0] if entry is not None else None
+
+    def claimed(self, token: object) -> bool:
+        """Whether ``token`` was issued here and already claimed (a duplicate event, not a forgery)."""
+        return isinstance(token, str) and token in self._claimed
+
+    def issued(self, token: object) -> bool:
+        """Whether this process issued ``token`` (live or recently claimed)."""
+        return isinstance(token, str) and (token in self._live or token in self._claimed)
+
+    def pass_hook(self, token: object) -> bool:
+        """The pre-call hook's check for a request that arrives with a token: True once per live token
+        (the Router strategy admitted this very request); a second request carrying the same token is
+        a copy, and gets False."""
+        if not isinstance(token, str):
+            return False
+        with self._lock:
+            if token not in self._live or token in self._hook_seen:
+                return False
+            self._hook_seen.add(token)
+            return True
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def _prune(self, now: float) -> None:
+        cutoff = now - self.max_age
+        for token in [t for t, (_, at) in self._live.items() if at < cutoff]:
+            self._live.pop(token, None)
+            self._hook_seen.discard(token)
+        self._next_prune = now + self.max_age / 4

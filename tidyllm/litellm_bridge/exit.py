@@ -1,0 +1,55 @@
+"""Settlement at interpreter exit: no admitted call is left unwritten because the script ended.
+
+A script that makes its calls with ``asyncio.run(...)`` and exits leaves LiteLLM's last success
+events queued; LiteLLM flushes them from an ``atexit`` handler on a fresh event loop. By then the
+interpreter accepts no new work on thread pools, so tidyllm's async callbacks settle inline
+(:func:`tidyllm.litellm_bridge.callbacks.run_blocking`). tidyllm's own exit handler — registered
+after LiteLLM's, so it runs first — drains LiteLLM's queue itself *before* giving back this
+process's unused admission credit and retrying the settlement writes the database refused.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import weakref
+from typing import TYPE_CHECKING
+
+from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER
+
+if TYPE_CHECKING:
+    from tidyllm.governance.engine import Governor
+
+__all__ = ["settle_at_exit", "drain_litellm"]
+
+log = logging.getLogger("tidyllm.governance")
+_registered: "weakref.WeakSet[Governor]" = weakref.WeakSet()
+
+
+def drain_litellm() -> None:
+    """Run LiteLLM's queued logging events (its own exit flush; a no-op when nothing is queued)."""
+    GLOBAL_LOGGING_WORKER._flush_on_exit()  # noqa: SLF001 - LiteLLM's only way to drain its queue synchronously
+
+
+def _at_exit(ref: "weakref.ref[Governor]") -> None:
+    governor = ref()
+    if governor is None:
+        return
+    try:
+        drain_litellm()
+    except Exception:  # noqa: BLE001 - at exit nothing may raise; what is left is in the journal or a lease
+        log.debug("draining LiteLLM's events at exit failed", exc_info=True)
+    try:
+        if governor.spool is not None and governor.spool.pending:
+            governor.spool.drain(governor.apply)
+        governor.budgets.credit.return_all()
+    except Exception:  # noqa: BLE001 - see above
+        log.debug("tidyllm exit settlement failed", exc_info=True)
+
+
+def settle_at_exit(governor: "Governor") -> None:
+    """Register ``governor``'s exit settlement (once)."""
+    if governor in _registered:
+        return
+    _registered.add(governor)
+    atexit.register(_at_exit, weakref.ref(governor))
