@@ -124,9 +124,12 @@ router.completion(model="chat", messages=[{"role": "user", "content": "hello"}],
 """
 
 
-def test_killed_process_lease_expires_and_returns_its_amount(db_url: str) -> None:
+def test_killed_process_lease_is_reclaimed_at_once_and_charged(db_url: str) -> None:
+    """A process killed while its call is at the provider: its lease is reclaimed at once (its pid is gone,
+    no TTL wait) and charged at the worst case — the provider may bill the call — as an ``unsettled`` call
+    with its audit row; never released as if nothing had been spent."""
     with Simulator(seed=2, latency_scale=20.0) as slow:  # the large model answers in ~30 s: plenty to kill it
-        platform = tidyllm.install(database_url=db_url, governance={"lease_ttl_seconds": 2})
+        platform = tidyllm.install(database_url=db_url, governance={"lease_ttl_seconds": 300})
         platform.budgets.set("department", "risk", 1.0, "month")
         proc = subprocess.Popen([sys.executable, "-c", KILLED, db_url, slow.url, str(TESTS)],
                                 stderr=subprocess.PIPE, text=True)
@@ -140,12 +143,16 @@ def test_killed_process_lease_expires_and_returns_its_amount(db_url: str) -> Non
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-        time.sleep(2.2)  # the lease TTL
+        reserved = platform.budgets.status().iloc[0]["reserved_usd"]
         assert platform.budgets.reconcile() == 1
         status = platform.budgets.status().iloc[0]
-        assert status["reserved_usd"] == pytest.approx(0.0, abs=1e-12) and status["spent_usd"] == 0
-        events = platform.mart.frame("budget_events", kind="expired_lease")
-        assert len(events) == 1
+        assert status["reserved_usd"] == pytest.approx(0.0, abs=1e-12)
+        assert status["spent_usd"] == pytest.approx(reserved)  # charged at the worst case it had reserved
+        (call,) = platform.mart.frame("llm_calls").to_dict("records")
+        assert call["status"] == "unsettled" and call["cost_usd"] == pytest.approx(reserved)
+        events = platform.mart.frame("budget_events", kind="unsettled_lease", parse_json=True)
+        assert len(events) == 1 and events["data"].iloc[0]["reason"] == "owner-dead"
+        assert list(platform.audit.frame()["status"]) == ["unsettled"] and platform.audit.verify().ok
         tidyllm.uninstall()
 
 

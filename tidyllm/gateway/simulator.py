@@ -18,7 +18,9 @@ HTTP API
 (``temperature``, ``stop``, ``response_format``, ...) are accepted and do not change the answer.
 ``POST /v1/embeddings`` (``input`` a string, a list of strings or token ids; ``encoding_format`` float or
 base64), ``GET /v1/models``, ``GET /v1/models/{name}``, ``GET /health``. Admin, for a simulator in another
-process: ``GET /_sim/stats``, ``POST /_sim/outage {"model": ..., "down": true}``, ``POST /_sim/reset``.
+process: ``GET /_sim/stats``, ``POST /_sim/outage {"model": ..., "down": true}``, ``POST /_sim/reset``. ``stats()["billed"]`` counts the
+prompt and completion tokens each model answered with, as a provider would bill them (the red-team tests
+compare it with what tidyllm charged).
 
 Behaviour of one request, in this order: a model that is down (``set_outage`` or a scheduled ``outages``
 window) answers **503**; a ``rate_limits`` window or the ``rpm`` limit answers **429** with ``retry-after``
@@ -498,6 +500,8 @@ class Simulator:
         self._lock = threading.Lock()
         self._hits: Counter[str] = Counter()
         self._outcomes: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        #: tokens each model answered with, as a provider bills them (prompt and completion)
+        self._billed: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self._down: set[str] = set()
         self._served: dict[str, deque[float]] = defaultdict(deque)  # admission times, for rpm
         self._use_cases = {uc for p in self.profiles.values() for uc in p.quality if uc != "default"}
@@ -577,6 +581,7 @@ class Simulator:
         with self._lock:
             self._hits.clear()
             self._outcomes.clear()
+            self._billed.clear()
             self._served.clear()
 
     def stats(self) -> dict[str, Any]:
@@ -584,6 +589,7 @@ class Simulator:
         with self._lock:
             return {"simulator": True, "total": sum(self._hits.values()), "hits": dict(self._hits),
                     "outcomes": {m: dict(c) for m, c in self._outcomes.items()},
+                    "billed": {m: dict(c) for m, c in self._billed.items()},
                     "down": sorted(self._down), "uptime_s": round(time.monotonic() - self._started_at, 3)}
 
     # request handling (called from handler threads)
@@ -706,6 +712,9 @@ class Simulator:
         out_headers = {"x-tidyllm-sim-quality": f"{quality:.4f}",  # headers are latin-1: escape the rest
                        "x-tidyllm-sim-use-case": (use_case or "").encode("ascii", "backslashreplace").decode()}
         first_ms = lat.base_ms + lat.per_input_token_ms * prompt_tokens
+        with self._lock:
+            self._billed[model]["prompt_tokens"] += prompt_tokens
+            self._billed[model]["completion_tokens"] += completion_tokens
         if not body.get("stream"):
             self._sleep(first_ms + lat.per_output_token_ms * completion_tokens, draw.jitter, lat.jitter)
             return response, out_headers, [], False
@@ -727,6 +736,8 @@ class Simulator:
         profile, draw = self._admit(model, "embedding")
         texts = [x if isinstance(x, str) else " ".join(map(str, x)) for x in inputs]
         tokens = sum(count_tokens(x) if isinstance(x, str) else len(x) for x in inputs)
+        with self._lock:
+            self._billed[model]["prompt_tokens"] += tokens
         base64_out = body.get("encoding_format") == "base64"
         data = []
         for i, text in enumerate(texts):

@@ -38,6 +38,8 @@ class Seals(Generic[T]):
         self._claimed: "OrderedDict[str, None]" = OrderedDict()
         self._remember = remember_claimed
         self._hook_seen: set[str] = set()
+        #: what came back for a live token before its settlement event: (response or exception, ok)
+        self._returned: dict[str, tuple[object, bool]] = {}
         self._lock = threading.Lock()
         self._next_prune = time.monotonic() + max_age
 
@@ -65,6 +67,7 @@ class Seals(Generic[T]):
         with self._lock:
             entry = self._live.pop(token, None)
             self._hook_seen.discard(token)
+            self._returned.pop(token, None)
             if entry is not None:
                 self._claimed[token] = None
                 if len(self._claimed) > self._remember:
@@ -91,6 +94,17 @@ class Seals(Generic[T]):
             self._hook_seen.add(token)
             return True
 
+    def note_returned(self, token: object, outcome: object, ok: bool) -> None:
+        """Remember what a live call returned (a response, or an exception) until its settlement event
+        claims it: should the process exit before that event runs, the exit settles from this."""
+        if isinstance(token, str) and token in self._live:
+            self._returned[token] = (outcome, ok)
+
+    def unsettled_returns(self) -> list[tuple[str, T, object, bool]]:
+        """``(token, admission, outcome, ok)`` of live calls that returned but were never settled."""
+        with self._lock:
+            return [(t, self._live[t][0], o, ok) for t, (o, ok) in self._returned.items() if t in self._live]
+
     def __len__(self) -> int:
         return len(self._live)
 
@@ -99,4 +113,5 @@ class Seals(Generic[T]):
         for token in [t for t, (_, at) in self._live.items() if at < cutoff]:
             self._live.pop(token, None)
             self._hook_seen.discard(token)
+            self._returned.pop(token, None)
         self._next_prune = now + self.max_age / 4

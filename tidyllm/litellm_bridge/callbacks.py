@@ -77,6 +77,23 @@ class GovernanceCallbacks(CustomLogger):
             new["extra_headers"] = {**(kwargs.get("extra_headers") or {}), **lookup.headers(sealed.admission.call_id)}
         return new
 
+    # --- what came back, before the settlement event ----------------------------------------------
+    # An async call's settlement event runs later, on LiteLLM's logging worker; a script that exits right
+    # after ``asyncio.run`` can lose it (its task is cancelled). These hooks run on the caller's path as the
+    # response (or error) comes back and only remember it (no I/O): the exit settles what is left from it.
+    async def async_post_call_success_deployment_hook(self, request_data: dict, response: Any,
+                                                      call_type: Any) -> Any:
+        md = request_data.get("metadata") if isinstance(request_data, dict) else None
+        if isinstance(md, dict):
+            self.gate.seals.note_returned(md.get(STAMP_KEY), response, True)
+        return None
+
+    async def async_post_call_failure_deployment_hook(self, request_data: Any, exception: Exception,
+                                                      call_type: Any, fallback_depth: int | None = None) -> None:
+        md = request_data.get("metadata") if isinstance(request_data, dict) else None
+        if isinstance(md, dict):
+            self.gate.seals.note_returned(md.get(STAMP_KEY), exception, False)
+
     # --- settlement --------------------------------------------------------------------------------
     def _safe(self, kwargs: dict, response_obj: Any, start_time: Any, end_time: Any, ok: bool) -> None:
         try:

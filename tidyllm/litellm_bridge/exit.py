@@ -20,7 +20,7 @@ from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER
 if TYPE_CHECKING:
     from tidyllm.governance.engine import Governor
 
-__all__ = ["settle_at_exit", "drain_litellm"]
+__all__ = ["settle_at_exit", "settle_returned", "drain_litellm"]
 
 log = logging.getLogger("tidyllm.governance")
 _registered: "weakref.WeakSet[Governor]" = weakref.WeakSet()
@@ -40,11 +40,33 @@ def _at_exit(ref: "weakref.ref[Governor]") -> None:
     except Exception:  # noqa: BLE001 - at exit nothing may raise; what is left is in the journal or a lease
         log.debug("draining LiteLLM's events at exit failed", exc_info=True)
     try:
+        settle_returned(governor)
+    except Exception:  # noqa: BLE001 - see above
+        log.debug("settling returned calls at exit failed", exc_info=True)
+    try:
         if governor.spool is not None and governor.spool.pending:
             governor.spool.drain(governor.apply)
         governor.budgets.credit.return_all()
     except Exception:  # noqa: BLE001 - see above
         log.debug("tidyllm exit settlement failed", exc_info=True)
+
+
+def settle_returned(governor: "Governor") -> int:
+    """Settle the calls that returned to their caller but whose settlement event never ran (its task was
+    cancelled when the caller's event loop closed), from what they returned. Returns how many."""
+    import datetime as dt
+
+    from tidyllm.litellm_bridge.records import from_returned
+
+    settled = 0
+    for token, admission, outcome, ok in governor.seals.unsettled_returns():
+        record = from_returned(token, admission.call_type, dt.datetime.fromisoformat(admission.started_at),
+                               outcome, ok)
+        governor.dispatch(record)
+        settled += 1
+    if settled:
+        log.info("settled %d call(s) whose LiteLLM event never ran, from their responses", settled)
+    return settled
 
 
 def settle_at_exit(governor: "Governor") -> None:

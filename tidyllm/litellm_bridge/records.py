@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from tidyllm.governance.context import STAMP_KEY
 from tidyllm.records import CallRecord, ChunkFacts
 
-__all__ = ["chunk_facts", "from_callback", "metadata_of", "stream_token", "tool_calls_of"]
+__all__ = ["chunk_facts", "from_callback", "from_returned", "metadata_of", "stream_token", "tool_calls_of"]
 
 
 def metadata_of(kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -156,3 +156,25 @@ def from_callback(kwargs: Mapping[str, Any], response_obj: Any, start_time: Any,
         tool_calls=tool_calls_of(response_obj) if ok else (),
         partial=partial,
     )
+
+
+def from_returned(token: str, call_type: str, started: dt.datetime, outcome: Any, ok: bool) -> CallRecord:
+    """A :class:`CallRecord` from what a call returned to its caller (a response, or the exception), for a
+    call whose settlement event never ran (the process exited first)."""
+    usage = _usage(outcome) if ok else {}
+    details_in = usage.get("prompt_tokens_details") or {}
+    details_out = usage.get("completion_tokens_details") or {}
+    ended = dt.datetime.now(dt.timezone.utc)
+    provider_model = getattr(outcome, "model", None) if ok else None
+    return CallRecord(
+        ok=ok, litellm_call_id=None, call_type=call_type, stamp=token, metadata={}, model=None, model_id=None,
+        model_group=None, provider=None, api_base=None,
+        provider_model=provider_model if isinstance(provider_model, str) else None, stream=False,
+        prompt_tokens=usage.get("prompt_tokens") if ok else None,
+        completion_tokens=usage.get("completion_tokens") if ok else None,
+        cached_tokens=(details_in.get("cached_tokens") if isinstance(details_in, Mapping) else None) or None,
+        reasoning_tokens=(details_out.get("reasoning_tokens") if isinstance(details_out, Mapping) else None) or None,
+        litellm_cost=None, latency_ms=(ended - started).total_seconds() * 1000.0, started_at=started, ended_at=ended,
+        error_type=None if ok else type(outcome).__name__, error_message=None if ok else str(outcome),
+        exception=None if ok or not isinstance(outcome, BaseException) else outcome, messages=None, tools=None,
+        mock=False, tool_calls=tool_calls_of(outcome) if ok else ())
