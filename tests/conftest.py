@@ -57,6 +57,10 @@ def _restore_litellm() -> Iterator[None]:
     from tidyllm.platform import current
 
     live = current()
+    if live is None:
+        from tidyllm.litellm_bridge.instrument import uninstrument
+
+        uninstrument()  # no platform: LiteLLM's sync functions are its own again
     keep_cb = live._callbacks if live is not None else None
     keep_provider = live._provider if live is not None else None
     for name in saved:

@@ -133,21 +133,44 @@ def test_plain_acompletion_is_governed(platform: Any, sim: Simulator) -> None:
     assert platform.budgets.status().iloc[0]["reserved_usd"] == 0
 
 
-def test_plain_sync_completion_is_visible_as_unenforced(platform: Any, sim: Simulator) -> None:
+def test_plain_sync_completion_is_enforced(platform: Any, sim: Simulator) -> None:
+    """``install()`` instruments LiteLLM's sync entry points: a plain sync call over budget is refused before
+    the provider is called, like any other governed call."""
     import litellm
 
-    platform.prices.set("sim-gpt-small", 1.0, 2.0)
+    platform.prices.set("openai/sim-gpt-small", 1.0, 2.0)
+    platform.prices.set("openai/sim-embed", 0.02, 0.0)
     platform.budgets.set("department", "risk", 0.0, "month")
-    resp = litellm.completion(model="openai/sim-gpt-small", api_base=sim.url, api_key="sk-x", messages=MSG,
-                              metadata=dict(META))
-    assert resp.choices[0].message.content  # nothing can stop it …
-    deadline = time.monotonic() + 5
-    while platform.calls().empty and time.monotonic() < deadline:
-        time.sleep(0.05)
-    call = platform.calls().iloc[0]
-    assert call["status"] == "unenforced" and call["cost_usd"] > 0  # … but it is recorded
-    assert platform.audit.frame().iloc[0]["decision"] == "unenforced"
-    assert platform.budgets.status().iloc[0]["spent_usd"] == pytest.approx(call["cost_usd"])  # and counted
+    hits = sim.stats()["total"]
+    with pytest.raises(BudgetExceededError):
+        litellm.completion(model="openai/sim-gpt-small", api_base=sim.url, api_key="sk-x", messages=MSG,
+                           metadata=dict(META))
+    with pytest.raises(BudgetExceededError):
+        litellm.embedding(model="openai/sim-embed", api_base=sim.url, api_key="sk-x", input=["a text"],
+                          metadata=dict(META))
+    assert sim.stats()["total"] == hits  # the provider was never contacted
+    assert list(platform.audit.frame()["status"]) == ["refused", "refused"]
+
+
+def test_plain_sync_completion_without_instrumentation_is_visible_as_unenforced(db_url: str, sim: Simulator) -> None:
+    import litellm
+
+    platform = tidyllm.install(database_url=db_url, governance={"instrument_sync": False})
+    try:
+        platform.prices.set("sim-gpt-small", 1.0, 2.0)
+        platform.budgets.set("department", "risk", 0.0, "month")
+        resp = litellm.completion(model="openai/sim-gpt-small", api_base=sim.url, api_key="sk-x", messages=MSG,
+                                  metadata=dict(META))
+        assert resp.choices[0].message.content  # nothing can stop it …
+        deadline = time.monotonic() + 5
+        while platform.calls().empty and time.monotonic() < deadline:
+            time.sleep(0.05)
+        call = platform.calls().iloc[0]
+        assert call["status"] == "unenforced" and call["cost_usd"] > 0  # … but it is recorded
+        assert platform.audit.frame().iloc[0]["decision"] == "unenforced"
+        assert platform.budgets.status().iloc[0]["spent_usd"] == pytest.approx(call["cost_usd"])  # and counted
+    finally:
+        tidyllm.uninstall()
 
 
 def test_tidyllm_provider_success_goes_through_the_router(platform: Any, sim: Simulator) -> None:

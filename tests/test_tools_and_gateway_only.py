@@ -187,20 +187,16 @@ def test_mock_responses_need_allow_mock(stack: LocalStack, monkeypatch: pytest.M
     assert flush_and_wait(stack, "mock-allowed")["status"] == "success"
 
 
-def test_a_direct_sync_call_cannot_be_stopped_but_is_flagged(stack: LocalStack,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_a_direct_sync_call_is_refused_in_gateway_only_mode(stack: LocalStack) -> None:
+    """Plain sync ``litellm.completion`` straight to a provider: instrumented at install(), it is refused under
+    gateway_only before the provider is contacted, and audited."""
     import litellm
 
-    caplog.set_level(logging.WARNING, logger="tidyllm")
-    resp = litellm.completion(model="openai/sim-gpt-small", api_base=stack.simulator.url, api_key="sk-direct",
-                              messages=MSG, metadata=meta("ignored"))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        rows = stack.platform.audit.frame()
-        flagged = rows[rows["rule"] == "gateway_only:sync-sdk-call-bypassed-enforcement"]
-        if len(flagged):
-            break
-        time.sleep(0.05)
-    assert resp.choices[0].message.content and len(flagged) == 1
-    assert flagged.iloc[0]["decision"] == "unenforced"
-    assert "gateway_only is on" in caplog.text
+    hits = stack.simulator.stats()["total"]
+    with pytest.raises(RouteNotAuthorizedError, match="gateway_only"):
+        litellm.completion(model="openai/sim-gpt-small", api_base=stack.simulator.url, api_key="sk-direct",
+                           messages=MSG, metadata=meta("direct-sync"))
+    assert stack.simulator.stats()["total"] == hits
+    rows = stack.platform.audit.frame()
+    refused = rows[rows["rule"] == "gateway_only"]
+    assert len(refused) >= 1 and refused.iloc[-1]["status"] == "refused"

@@ -116,6 +116,10 @@ class Platform:
         self._callbacks = GovernanceCallbacks(self.gate, name, self.resolve)
         litellm.logging_callback_manager.add_litellm_callback(self._callbacks)
         settle_at_exit(self.governor)
+        if self.settings.governance.instrument_sync:
+            from tidyllm.litellm_bridge.instrument import instrument
+
+            instrument(self.gate, self.resolve)
         self._provider = TidyLLMProvider(self.router)
         litellm.custom_provider_map = [p for p in litellm.custom_provider_map if p.get("provider") != PROVIDER]
         litellm.custom_provider_map.append({"provider": PROVIDER, "custom_handler": self._provider})
@@ -129,8 +133,10 @@ class Platform:
         litellm = sys.modules.get("litellm")
         if litellm is None:
             return
+        from tidyllm.litellm_bridge.instrument import uninstrument
         from tidyllm.litellm_bridge.provider import PROVIDER
 
+        uninstrument(self.gate)
         if self._callbacks is not None:
             litellm.logging_callback_manager.remove_callback_from_all_lists(self._callbacks)
             if self._callbacks in litellm.callbacks:

@@ -73,6 +73,9 @@ class GovernanceSettings:
     estimate_margin: float = 0.05
     #: seconds between a lease-holding process's heartbeats; another host reclaims its leases after 3 missed
     owner_heartbeat_seconds: float = 2.0
+    #: govern plain sync ``litellm.completion`` / ``embedding`` / ``text_completion`` by instrumenting them at
+    #: ``install()`` (off: such calls are only recorded, as ``unenforced``)
+    instrument_sync: bool = True
 
 
 @dataclass(frozen=True)

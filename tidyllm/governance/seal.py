@@ -38,6 +38,7 @@ class Seals(Generic[T]):
         self._claimed: "OrderedDict[str, None]" = OrderedDict()
         self._remember = remember_claimed
         self._hook_seen: set[str] = set()
+        self._sync_seen: set[str] = set()
         #: what came back for a live token before its settlement event: (response or exception, ok)
         self._returned: dict[str, tuple[object, bool]] = {}
         self._lock = threading.Lock()
@@ -67,6 +68,7 @@ class Seals(Generic[T]):
         with self._lock:
             entry = self._live.pop(token, None)
             self._hook_seen.discard(token)
+            self._sync_seen.discard(token)
             self._returned.pop(token, None)
             if entry is not None:
                 self._claimed[token] = None
@@ -105,6 +107,16 @@ class Seals(Generic[T]):
         with self._lock:
             return [(t, self._live[t][0], o, ok) for t, (o, ok) in self._returned.items() if t in self._live]
 
+    def pass_sync(self, token: object) -> bool:
+        """The sync instrumentation's check (like :meth:`pass_hook`): True once per live token."""
+        if not isinstance(token, str):
+            return False
+        with self._lock:
+            if token not in self._live or token in self._sync_seen:
+                return False
+            self._sync_seen.add(token)
+            return True
+
     def __len__(self) -> int:
         return len(self._live)
 
@@ -113,5 +125,6 @@ class Seals(Generic[T]):
         for token in [t for t, (_, at) in self._live.items() if at < cutoff]:
             self._live.pop(token, None)
             self._hook_seen.discard(token)
+            self._sync_seen.discard(token)
             self._returned.pop(token, None)
         self._next_prune = now + self.max_age / 4

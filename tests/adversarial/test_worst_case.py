@@ -1,0 +1,105 @@
+"""Red team: a request whose billable size the reservation does not cover.
+
+On the old main one call with ``n=20`` spent 7.5x a $0.01 budget (the reservation ignored ``n``), and a
+provider that reported more prompt tokens than tidyllm counted took the spend to 1.25x the limit unnoticed.
+Now every choice is reserved, an overshoot is charged, flagged in the audit row and learned from."""
+
+from __future__ import annotations
+
+import datetime as dt
+import pickle
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Iterator
+
+import pytest
+
+import tidyllm
+from tidyllm.errors import BudgetExceededError
+from tidyllm.gateway.simulator import Simulator
+
+from adversarial._redteam import META, MSG, assert_books_agree, books
+from adversarial.test_forged_admission import _json, _settled
+from govhelpers import sim_router
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[Simulator]:
+    with Simulator(seed=13, latency_scale=0.0) as s:
+        yield s
+
+
+def test_n_choices_are_all_reserved(db_url: str, sim: Simulator) -> None:
+    sim.reset_stats()
+    platform = tidyllm.install(database_url=db_url, routing={"strategy": "cheapest"})
+    try:
+        limit = 0.01
+        platform.budgets.set("department", "risk", limit, "month")
+        router = sim_router(platform, sim.url, routes={"ep-small": ("sim-gpt-small", 10.0, 30.0)})
+        answered = 0
+        for _ in range(6):
+            try:
+                router.completion(model="chat", messages=MSG, max_tokens=200, n=20, metadata=dict(META))
+                answered += 1
+            except BudgetExceededError:
+                pass
+        platform.budgets.credit.return_all()
+        _settled(platform, answered)
+        b = books(platform, sim, {"sim-gpt-small": (10.0, 30.0)})
+        assert_books_agree(b, limit=limit)  # 20 choices of up to 200 tokens are reserved, not one
+        calls = platform.mart.frame("llm_calls")
+        ok = calls[calls["status"] == "success"]
+        assert (ok["cost_usd"] <= ok["reserved_usd"] + 1e-12).all()
+    finally:
+        tidyllm.uninstall()
+
+
+def test_an_overshoot_is_charged_flagged_and_learned(db_url: str) -> None:
+    from tidyllm.records import CallRecord
+
+    platform = tidyllm.install(database_url=db_url, routing={"strategy": "cheapest"})
+    try:
+        platform.prices.set("ep", 1_000.0, 1_000.0)
+        platform.budgets.set("department", "risk", 10.0, "month")
+        gov = platform.governor
+        before = gov.estimate_prompt("ep", messages=MSG)
+        admission = gov.admit(ctx=gov.context(dict(META)), route="ep", requested_model="chat", messages=MSG,
+                              max_tokens=10)
+        assert admission.prompt_tokens == before
+        reported = before * 3  # the provider counted three times what tidyllm reserved for the prompt
+        now = dt.datetime.now(dt.timezone.utc)
+        record = CallRecord(
+            ok=True, litellm_call_id=None, call_type="completion", stamp=None, metadata={}, model="ep",
+            model_id=None, model_group=None, provider=None, api_base=None, provider_model=None, stream=False,
+            prompt_tokens=reported, completion_tokens=10, cached_tokens=None, reasoning_tokens=None,
+            litellm_cost=None, latency_ms=1.0, started_at=now, ended_at=now, error_type=None, error_message=None,
+            exception=None,
+            messages=None, tools=None, mock=False, tool_calls=(), partial=False)
+        gov._finish(record, admission, None)
+        cost = (reported + 10) * 1_000.0 / 1e6
+        status = platform.budgets.status(scope="department", name="risk").iloc[0]
+        assert status["spent_usd"] == pytest.approx(cost) > admission.reserved_usd  # the overshoot is charged
+        (extra,) = platform.audit.frame()["extra"].map(_json)
+        assert extra["overshoot_usd"] == pytest.approx(cost - admission.reserved_usd)
+        assert gov.estimate_prompt("ep", messages=MSG) >= reported  # the next reservation covers it
+    finally:
+        tidyllm.uninstall()
+
+
+def _refuse_in_a_worker() -> None:
+    raise BudgetExceededError("department 'risk' has $0.0001 left", scope="department", name="risk",
+                              spent_usd=0.5, reserved_usd=0.4999, limit_usd=1.0)
+
+
+def test_refusals_pickle_across_processes() -> None:
+    """A ProcessPoolExecutor worker's refusal reaches its parent as the same class, with its numbers (the old
+    main's classes were local to a function: ``Can't pickle local object``)."""
+    err = pickle.loads(pickle.dumps(BudgetExceededError("no room", scope="user", name="ana", spent_usd=1.0,
+                                                        reserved_usd=0.5, limit_usd=1.5)))
+    assert type(err) is tidyllm.BudgetExceededError and (err.scope, err.name, err.limit_usd) == ("user", "ana", 1.5)
+    for cls in ("RouteNotAuthorizedError", "RateLimitedError", "MetadataError", "UnpricedModelError"):
+        original = getattr(tidyllm.errors, cls)("refused")
+        assert type(pickle.loads(pickle.dumps(original))) is original.__class__
+    with ProcessPoolExecutor(max_workers=1) as pool:
+        with pytest.raises(BudgetExceededError) as refused:
+            pool.submit(_refuse_in_a_worker).result()
+    assert refused.value.spent_usd == 0.5 and str(refused.value) == "department 'risk' has $0.0001 left"
