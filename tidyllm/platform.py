@@ -83,7 +83,7 @@ class Platform:
                              soft_threshold=raw.get("soft_threshold"))
         self.governor = Governor(self.mart, settings=gov, defaults=settings.defaults, prices=self.prices,
                                  budgets=self.budgets, policy=self.policy, audit=self.audit, limiter=self.limiter,
-                                 routes=facts, gateway_api_bases=self.gateway.api_bases(),
+                                 routes=facts, gateway_api_bases=self.gateway.api_bases(), tokens=_LiteLLMTokens(),
                                  spool=Spool(spool_dir_for(self.mart.url, gov.spool_dir)))
         #: the one admission sequence every LiteLLM entry point calls (tidyllm.governance.gate)
         self.gate = Gate(self.governor)
@@ -259,6 +259,26 @@ class Platform:
         except Exception:  # noqa: BLE001 - a closed database: the credit's lease expires
             logging.getLogger("tidyllm.governance").warning("could not give back admission credit", exc_info=True)
         logging.getLogger("tidyllm").removeFilter(self._filter)
+
+
+class _LiteLLMTokens:
+    """LiteLLM's tokenizers for the governor, imported on first use (``import litellm`` takes seconds)."""
+
+    def __init__(self) -> None:
+        self._counter: Any = None
+
+    def _get(self) -> Any:
+        if self._counter is None:
+            from tidyllm.litellm_bridge.tokens import LiteLLMTokens
+
+            self._counter = LiteLLMTokens()
+        return self._counter
+
+    def estimate_prompt(self, model: str, messages: Any = None, text: Any = None, tools: Any = None) -> int:
+        return self._get().estimate_prompt(model, messages=messages, text=text, tools=tools)
+
+    def count(self, model: str, messages: Any = None, text: Any = None, tools: Any = None) -> int:
+        return self._get().count(model, messages=messages, text=text, tools=tools)
 
 
 class GatewayHandle:

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
-from tidyllm.errors import GovernanceError, MetadataError, UnpricedModelError
+from tidyllm.errors import ConfigurationError, GovernanceError, MetadataError, UnpricedModelError
 from tidyllm.governance.context import STAMP_KEY, CallContext
 from tidyllm.governance.policy import RouteFacts
 from tidyllm.governance.seal import Seals
@@ -130,11 +130,10 @@ class Governor:
 
     @property
     def tokens(self) -> TokenCounter:
-        """The token counter (LiteLLM's tokenizers unless another was given)."""
+        """The token counter the governor was given."""
         if self._tokens is None:
-            from tidyllm.litellm_bridge.tokens import LiteLLMTokens
-
-            self._tokens = LiteLLMTokens()
+            raise ConfigurationError("this Governor has no token counter: pass tokens=... (the platform passes "
+                                     "LiteLLM's, tidyllm.litellm_bridge.tokens.LiteLLMTokens)")
         return self._tokens
 
     def estimate_prompt(self, route: str, *, messages: Any = None, text: Any = None, tools: Any = None) -> int:
