@@ -11,6 +11,7 @@ gpt-4o (o200k_base).
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any, Callable
 
@@ -103,16 +104,32 @@ def openai_count(encode: Callable[[str], list[int]], messages: list[dict[str, An
 
 def provider_counts(messages: list[dict[str, Any]], tools: Any = None) -> dict[str, int]:
     """The prompt tokens each provider reports for ``messages``: the simulator, gpt-4 and gpt-4o."""
+    from tidyllm.gateway.simulator import _prompt_tokens
+
+    cl100k, o200k = _openai_encoders()
+    return {"simulator": _prompt_tokens(messages, tools),
+            "openai-gpt-4": openai_count(cl100k, messages),
+            "openai-gpt-4o": openai_count(o200k, messages)}
+
+
+@functools.lru_cache(maxsize=1)
+def _openai_encoders() -> tuple[Callable[[str], list[int]], Callable[[str], list[int]]]:
     import tiktoken
 
     from tidyllm._litellm import import_litellm
-    from tidyllm.gateway.simulator import _prompt_tokens
 
-    import_litellm()  # points tiktoken at the vocabularies LiteLLM bundles (no download)
+    import_litellm()
+    # importing it points tiktoken at the vocabularies LiteLLM bundles (no download)
+    from litellm.litellm_core_utils import default_encoding  # noqa: F401
 
-    return {"simulator": _prompt_tokens(messages, tools),
-            "openai-gpt-4": openai_count(tiktoken.get_encoding("cl100k_base").encode_ordinary, messages),
-            "openai-gpt-4o": openai_count(tiktoken.get_encoding("o200k_base").encode_ordinary, messages)}
+    return tiktoken.get_encoding("cl100k_base").encode_ordinary, tiktoken.get_encoding("o200k_base").encode_ordinary
+
+
+def tiktoken_counter(encoding: str) -> Callable[[str, str], int]:
+    """A ``count(route, text)`` with one tiktoken encoding (``"o200k_base"``: gpt-4o's own tokenizer)."""
+    cl100k, o200k = _openai_encoders()
+    encode = {"cl100k_base": cl100k, "o200k_base": o200k}[encoding]
+    return lambda route, text: len(encode(text))
 
 
 def litellm_counter() -> Callable[[str, str], int]:

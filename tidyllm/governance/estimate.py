@@ -10,8 +10,7 @@ is not much larger than that. :class:`WorstCaseEstimator` turns a request into a
   ``functions``), plus OpenAI's chat framing (3 tokens a message, 1 for its role, 1 more for a ``name``,
   4 a tool call, 3 to prime the reply). The tokenizer is injected: ``count(route, text) -> int`` (LiteLLM's
   tokenizer for the route, passed by the LiteLLM bridge); without one, tiktoken's ``cl100k_base`` (from the
-  copy LiteLLM bundles, never downloaded) or, when that is missing, one token per two ASCII characters and
-  two per other character;
+  copy LiteLLM bundles, never downloaded) or, when that is missing, :func:`char_count`;
 - ``factor`` is learned per route from what providers report (:meth:`WorstCaseEstimator.observe`): the
   largest ``(reported - fixed) / counted`` seen, so the reserve is never below an observed bill of the
   same shape; ``margin`` (default 5 %) covers the tokenizer's uncertainty on prompts not seen yet;
@@ -44,6 +43,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fnmatch
 import importlib.util
 import json
 import math
@@ -56,7 +56,8 @@ from typing import Any
 
 from tidyllm.errors import ConfigurationError
 
-__all__ = ["WorstCase", "WorstCaseEstimator", "Counter", "fallback_counter"]
+__all__ = ["WorstCase", "WorstCaseEstimator", "Counter", "fallback_counter", "routed_counter", "simulator_counter",
+           "char_count"]
 
 #: ``count(route, text) -> int``: a tokenizer's count of ``text`` for ``route``
 Counter = Callable[[str, str], int]
@@ -71,6 +72,10 @@ _AUDIO_PARTS = frozenset({"input_audio", "audio", "audio_url"})
 _FILE_PARTS = frozenset({"file", "input_file", "document"})
 #: lowest plausible bytes per second of audio: uncompressed (8 kHz, 8 bit, mono) and compressed (6 kbit/s)
 _WAV_BYTES_PER_SECOND, _COMPRESSED_BYTES_PER_SECOND = 8_000, 750
+#: texts at least this long are counted one by one and their counts cached
+_CACHE_MIN_CHARS = 256
+#: ASCII digits and punctuation marks
+_DENSE = re.compile(r"[0-9!-/:-@\[-`{-~]")
 _PDF_PAGE = re.compile(rb"/Type\s*/Page(?![a-zA-Z])")
 _DATA_URL = re.compile(r"^data:([^;,]*)(?:;[^,]*)?,", re.ASCII)
 
@@ -122,12 +127,14 @@ class WorstCaseEstimator:
     ``initial_factor``; during its first ``warmup`` observations the factor is the larger of that and the
     largest ratio seen; from then on it is the largest ratio seen (``reported / counted`` with the fixed
     input taken off), and only grows. :meth:`seed` starts a route from history. ``margin`` is added on
-    top of the factor for the tokenizer's uncertainty on prompts not observed yet."""
+    top of the factor for the tokenizer's uncertainty on prompts not observed yet. Counts of texts of
+    256 characters or more are cached (``cache_size`` entries, keyed by route, hash and length of the
+    text, never the text itself): a chat re-sends its history on every turn."""
 
     def __init__(self, count: Counter | None = None, *, margin: float = 0.05, default_max_tokens: int = 1024,
                  default_reasoning_max_tokens: int = 32_768, initial_factor: float = 1.25, warmup: int = 5,
                  image_tokens: int = 2_000, audio_tokens_per_second: float = 32.0, file_page_tokens: int = 5_000,
-                 unknown_media_tokens: int = 32_000) -> None:
+                 unknown_media_tokens: int = 32_000, cache_size: int = 4096) -> None:
         self.count = count if count is not None else fallback_counter()
         self.margin = _number("margin", margin, 0.0)
         self.default_max_tokens = _positive_int("default_max_tokens", default_max_tokens)
@@ -138,6 +145,8 @@ class WorstCaseEstimator:
         self.audio_tokens_per_second = _number("audio_tokens_per_second", audio_tokens_per_second, 0.0)
         self.file_page_tokens = _positive_int("file_page_tokens", file_page_tokens, lo=0)
         self.unknown_media_tokens = _positive_int("unknown_media_tokens", unknown_media_tokens, lo=0)
+        self.cache_size = _positive_int("cache_size", cache_size, lo=0)
+        self._cache: dict[tuple[str, int, int], int] = {}
         self._lock = threading.Lock()
         #: route -> (largest ratio observed or seeded, observations)
         self._learned: dict[str, tuple[float, int]] = {}
@@ -213,8 +222,7 @@ class WorstCaseEstimator:
                     pieces.append(json.dumps(defs))
                 except (TypeError, ValueError) as exc:
                     raise ConfigurationError(f"{name} must be JSON (a list of tool definitions): {exc}") from None
-        if pieces:
-            counted += self.count(route, "\n".join(pieces) if len(pieces) > 1 else pieces[0])
+        counted += self._count(route, pieces)
         factor = self.factor(route)
         images, audio, files = media.images * self.image_tokens, self._audio_tokens(media), self._file_tokens(media)
         prompt = math.ceil(counted * factor * (1.0 + self.margin)) + images + audio + files + id_tokens
@@ -227,6 +235,29 @@ class WorstCaseEstimator:
         return WorstCase(route=route, prompt_tokens=prompt, output_tokens=per_choice * choices, counted=counted,
                          factor=factor, margin=self.margin, image_tokens=images, audio_tokens=audio, file_tokens=files,
                          id_tokens=id_tokens, choices=choices, max_tokens=per_choice, embedding=embedding)
+
+    def _count(self, route: str, pieces: list[str]) -> int:
+        """The tokens of ``pieces``: the short ones joined and counted at once, each long one from the
+        cache (a chat re-sends its history and system prompt on every turn)."""
+        short = [p for p in pieces if len(p) < _CACHE_MIN_CHARS]
+        total = self.count(route, "\n".join(short)) if short else 0
+        if len(short) == len(pieces):
+            return total
+        cache = self._cache
+        for piece in pieces:
+            if len(piece) < _CACHE_MIN_CHARS:
+                continue
+            # the hash, not the text, is kept: a cache must not hold the callers' prompts in memory
+            key = (route, hash(piece), len(piece))
+            tokens = cache.get(key)
+            if tokens is None:
+                tokens = self.count(route, piece)
+                if self.cache_size:
+                    if len(cache) >= self.cache_size:
+                        cache.clear()
+                    cache[key] = tokens
+            total += tokens
+        return total
 
     def _output_bound(self, max_tokens: Any, n: Any, best_of: Any, billable: Mapping[str, Any]) -> tuple[int, int]:
         bounds = [_positive_int(name, value) for name, value in
@@ -366,7 +397,7 @@ def _decoded_size(data: str) -> int | None:
     payload = data[header.end():] if header else data
     if not payload:
         return None
-    return len(payload) * 3 // 4
+    return len(payload) * 3 // 4 - (len(payload) - len(payload.rstrip("=")))  # base64 without its padding
 
 
 def _walk_text(text: Any, pieces: list[str]) -> int:
@@ -412,10 +443,41 @@ def fallback_counter() -> Counter:
         return _fallback[0]
 
 
+def routed_counter(default: Counter, by_route: Mapping[str, Counter]) -> Counter:
+    """A tokenizer that counts with ``by_route[pattern]`` for routes matching a pattern (``fnmatch``
+    syntax, first match wins in the mapping's order) and with ``default`` for the others.
+
+    The estimate is only tight with the route's own tokenizer: give the routes served by a provider
+    whose tokenizer tidyllm knows (the provider simulator: :func:`simulator_counter`) their own."""
+    patterns = list(by_route.items())
+    chosen: dict[str, Counter] = {}
+
+    def count(route: str, text: str) -> int:
+        fn = chosen.get(route)
+        if fn is None:
+            fn = next((c for pattern, c in patterns if fnmatch.fnmatchcase(route, pattern)), default)
+            if len(chosen) >= 4096:
+                chosen.clear()
+            chosen[route] = fn
+        return fn(route, text)
+
+    return count
+
+
+def simulator_counter(route: str, text: str) -> int:
+    """The provider simulator's own tokenizer (:func:`tidyllm.gateway.simulator.count_tokens`)."""
+    from tidyllm.gateway.simulator import count_tokens
+
+    return count_tokens(text)
+
+
 def char_count(text: str) -> int:
-    """One token per two ASCII characters and two per other character, rounded up."""
+    """An upper count without a vocabulary: one token per two ASCII letters or spaces, one per ASCII
+    digit or punctuation mark (byte-pair tokenizers split numbers into groups of at most three digits
+    and keep most marks apart), two per other character; rounded up."""
     ascii_chars = len(text.encode("ascii", "ignore"))
-    return (ascii_chars + 1) // 2 + 2 * (len(text) - ascii_chars)
+    dense = len(_DENSE.findall(text))
+    return (ascii_chars - dense + 1) // 2 + dense + 2 * (len(text) - ascii_chars)
 
 
 def _cl100k_counter() -> Counter | None:
