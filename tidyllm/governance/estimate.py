@@ -31,7 +31,8 @@ tokens are billed as output and are bounded by the same number: OpenAI's ``max_c
 reasoning tokens, Anthropic requires ``max_tokens`` above the thinking ``budget_tokens``, Gemini's
 ``max_output_tokens`` includes thinking. A request that turns reasoning on (``reasoning_effort`` other than
 ``"none"``, or ``thinking``) without a bound reserves ``default_reasoning_max_tokens`` instead (and never
-less than the thinking budget). ``choices`` is ``best_of`` when given (the provider generates and bills
+less than the thinking budget). A request without a bound must be sent with the reserved one
+(:attr:`WorstCase.max_tokens`). ``choices`` is ``best_of`` when given (the provider generates and bills
 ``best_of`` candidates and returns ``n``), else ``n`` (default 1). The prompt is billed once whatever ``n``
 is. Embeddings have no output.
 
@@ -105,7 +106,9 @@ class WorstCase:
     id_tokens: int = 0
     #: completions billed: ``best_of`` when given, else ``n``
     choices: int = 1
-    #: output bound of one choice (``max_tokens``/``max_completion_tokens`` or the default); 0 for embeddings
+    #: output bound of one choice (``max_tokens``/``max_completion_tokens`` or the default); 0 for embeddings.
+    #: When the request set no bound, the caller must send this one to the provider: nothing else bounds
+    #: the answer (or a reasoning model's thinking), so without it ``output_tokens`` is no worst case
     max_tokens: int = 0
     embedding: bool = False
 
