@@ -77,7 +77,7 @@ def test_an_overshoot_is_charged_flagged_and_learned(db_url: str) -> None:
         gov._finish(record, admission, None)
         cost = (reported + 10) * 1_000.0 / 1e6
         status = platform.budgets.status(scope="department", name="risk").iloc[0]
-        assert status["spent_usd"] == pytest.approx(cost) > admission.reserved_usd  # the overshoot is charged
+        assert status["spent_usd"] == pytest.approx(cost) and cost > admission.reserved_usd  # the overshoot is charged
         (extra,) = platform.audit.frame()["extra"].map(_json)
         assert extra["overshoot_usd"] == pytest.approx(cost - admission.reserved_usd)
         assert gov.estimate_prompt("ep", messages=MSG) >= reported  # the next reservation covers it

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 from tidyllm.errors import ConfigurationError, GovernanceError, MetadataError, UnpricedModelError
 from tidyllm.governance.context import STAMP_KEY, CallContext
+from tidyllm.governance.estimate import WorstCase, WorstCaseEstimator
 from tidyllm.governance.policy import RouteFacts
 from tidyllm.governance.seal import Seals
 from tidyllm.mart.schema import llm_calls
@@ -122,9 +123,9 @@ class Governor:
         self._tokens = tokens
         #: the settlement journal: failed writes are kept there and replayed (tidyllm.governance.spool)
         self.spool = spool
-        #: per-route factor between the input tokens providers report and tidyllm's estimate (never below
-        #: what was observed): the reservation's prompt is the estimate times it
-        self.prompt_factor: dict[str, float] = {}
+        #: the worst case of a request, with the per-route factor learned from what providers report
+        self.estimator = WorstCaseEstimator(self._count_text, margin=settings.estimate_margin,
+                                            default_max_tokens=settings.default_max_tokens)
         #: caller-chosen call ids seen by this process (a reused one is refused: calls never merge)
         self._names: "OrderedDict[str, None]" = OrderedDict()
 
@@ -136,21 +137,21 @@ class Governor:
                                      "LiteLLM's, tidyllm.litellm_bridge.tokens.LiteLLMTokens)")
         return self._tokens
 
-    def estimate_prompt(self, route: str, *, messages: Any = None, text: Any = None, tools: Any = None) -> int:
-        """The input tokens a call's reservation assumes: the tokenizer's upper estimate, times the margin
-        for tokenizer uncertainty and the factor learned from what the route's provider reported."""
-        base = self.tokens.estimate_prompt(route, messages=messages, text=text, tools=tools)
-        factor = self.prompt_factor.get(route, 1.0) * (1.0 + self.settings.estimate_margin)
-        return int(math.ceil(base * factor)) if factor != 1.0 else base
+    def worst_case(self, route: str, *, messages: Any = None, text: Any = None, tools: Any = None,
+                   max_tokens: int | None = None, n: int | None = None, best_of: int | None = None,
+                   embedding: bool = False, **billable: Any) -> WorstCase:
+        """The most a request to ``route`` can be billed for, in tokens (:mod:`tidyllm.governance.estimate`:
+        every billable part, the route's learned factor and the tokenizer margin)."""
+        return self.estimator.estimate(route, messages=messages, text=text, tools=tools, max_tokens=max_tokens, n=n,
+                                       best_of=best_of, embedding=embedding, **billable)
 
-    def observe_prompt(self, route: str, reserved_tokens: int | None, reported_tokens: int | None) -> None:
-        """Learn from a finished call: a provider that counted more input tokens than reserved raises the
-        route's factor to cover it (the factor never falls below what was observed)."""
-        if not reserved_tokens or not reported_tokens or reported_tokens <= reserved_tokens:
-            return
-        with self._lock:
-            factor = self.prompt_factor.get(route, 1.0)
-            self.prompt_factor[route] = factor * reported_tokens / reserved_tokens
+    def estimate_prompt(self, route: str, *, messages: Any = None, text: Any = None, tools: Any = None) -> int:
+        """The input tokens a call's reservation assumes (:meth:`worst_case`'s ``prompt_tokens``)."""
+        return self.worst_case(route, messages=messages, text=text, tools=tools,
+                               embedding=messages is None and text is not None).prompt_tokens
+
+    def _count_text(self, route: str, text: str) -> int:
+        return self.tokens.count(route, text=text)
 
     # --- context ------------------------------------------------------------------------------
 
@@ -224,7 +225,9 @@ class Governor:
         price = self.prices.lookup(route, now) or (self.prices.lookup(requested_model, now)
                                                    if requested_model != route else None)
         if prompt_tokens is None:
-            prompt_tokens = self.estimate_prompt(route, messages=messages, text=text, tools=tools)
+            worst = self.worst_case(route, messages=messages, text=text, tools=tools, embedding=is_embedding)
+            prompt_tokens = worst.prompt_tokens
+            extra["estimate"] = {"counted": worst.counted, "fixed": worst.fixed_tokens}
         choices = max(int(choices or 1), 1)
         out_tokens = 0 if is_embedding else int(max_tokens or self.settings.default_max_tokens)
         if mock and not is_embedding:
@@ -581,8 +584,11 @@ class Governor:
         cost = self.cost_of(admission, record)
         if record.stream:
             outcome = outcome or ("completed" if record.ok else "failed")
-        if record.ok:
-            self.observe_prompt(admission.route, admission.prompt_tokens, record.prompt_tokens)
+        estimate = admission.extra.get("estimate")
+        if record.ok and record.prompt_tokens and isinstance(estimate, Mapping):
+            # the route's factor never stays below what its provider reported (tidyllm.governance.estimate)
+            self.estimator.observe(admission.route, int(estimate["counted"]), int(record.prompt_tokens),
+                                   fixed_tokens=int(estimate["fixed"]))
         lookup = self.trace_lookup
         # a request the gateway turned away at its door (401/403) has no trace
         if lookup is not None and admission.extra.get("traced") \

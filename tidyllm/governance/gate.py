@@ -101,6 +101,8 @@ class RequestFacts:
     tried: tuple[str, ...] = ()
     #: which entry point admitted it: router, acompletion-hook, sync
     entry: str = "router"
+    #: other request fields that change the bill: max_completion_tokens, functions, reasoning_effort, thinking
+    billable: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def embedding(self) -> bool:
@@ -186,6 +188,7 @@ class Gate:
                       messages=facts.messages, text=facts.text, call_id=call_id, forged=facts.forged)
         # a retry avoids the authorised routes that already failed for this request, when it has a choice
         allowed = [r for r in allowed if r not in facts.tried] or allowed
+        # the prompt's worst case for the affordability pre-filter; the chosen route's is reserved below
         prompt_tokens = gov.estimate_prompt(facts.group, messages=facts.messages, text=facts.text, tools=facts.tools)
         extra: dict[str, Any] = {}
         if chooser is not None:
@@ -206,10 +209,14 @@ class Gate:
         chosen = by_route[route]
         if chosen.traced:
             extra["traced"] = True
+        worst = gov.worst_case(route, messages=facts.messages, text=facts.text, tools=facts.tools,
+                               max_tokens=facts.max_tokens, n=facts.n, best_of=facts.best_of,
+                               embedding=facts.embedding, **facts.billable)
+        extra["estimate"] = {"counted": worst.counted, "fixed": worst.fixed_tokens}
         admission = gov.admit(
             ctx=ctx, route=route, requested_model=facts.group, call_type=facts.call_type, messages=facts.messages,
-            text=facts.text, tools=facts.tools, max_tokens=facts.max_tokens, choices=facts.choices,
-            prompt_tokens=prompt_tokens, stream=facts.stream, mock=chosen.mock or facts.mock,
+            text=facts.text, tools=facts.tools, max_tokens=worst.max_tokens or None, choices=worst.choices,
+            prompt_tokens=worst.prompt_tokens, stream=facts.stream, mock=chosen.mock or facts.mock,
             gateway=chosen.gateway, call_id=call_id, extra=extra, forged=facts.forged)
         if health is not None:
             health.picked(route)

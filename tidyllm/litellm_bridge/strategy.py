@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = ["GovernedRoutingStrategy", "build_strategy", "request_facts"]
 
-#: request parameters the worst case depends on
-_N_KEYS = ("n", "best_of")
+#: request parameters besides max_tokens, n and best_of that change what a provider can bill
+_BILLABLE = ("max_completion_tokens", "functions", "reasoning_effort", "thinking")
 
 
 def request_facts(gate: Gate, group: str, messages: Any, input: Any, request_kwargs: Mapping[str, Any], *,
@@ -40,13 +40,12 @@ def request_facts(gate: Gate, group: str, messages: Any, input: Any, request_kwa
     clean, forged, tried = gate.strip(request_kwargs.get("metadata"))
     is_embedding = input is not None and messages is None
     max_tokens = request_kwargs.get("max_tokens")
-    if max_tokens is None:
-        max_tokens = request_kwargs.get("max_completion_tokens")
+    billable = {k: request_kwargs[k] for k in _BILLABLE if request_kwargs.get(k) is not None}
     facts = RequestFacts(
         group=group, call_type=call_type or ("embedding" if is_embedding else "completion"), metadata=clean,
         messages=messages, text=input, tools=request_kwargs.get("tools"), max_tokens=max_tokens,
         n=request_kwargs.get("n"), best_of=request_kwargs.get("best_of"), stream=bool(request_kwargs.get("stream")),
-        mock=bool(request_kwargs.get("mock_response")), forged=forged, tried=tried, entry=entry)
+        mock=bool(request_kwargs.get("mock_response")), forged=forged, tried=tried, entry=entry, billable=billable)
     return facts, clean
 
 
@@ -117,6 +116,7 @@ class GovernedRoutingStrategy(CustomRoutingStrategyBase):
         md[TRIED_KEY] = [*facts.tried, sealed.route]
         request_kwargs["metadata"] = md
         if not facts.embedding:
+            # the reserved bound is sent: nothing else bounds the answer (or a reasoning model's thinking)
             request_kwargs["max_tokens"] = sealed.admission.max_tokens
         if traced or request_kwargs.get("extra_headers"):
             # per-call extra_headers replace the deployment's in LiteLLM 1.110 (measured): keep the

@@ -102,4 +102,8 @@ class LiteLLMTokens:
         return estimate_prompt_tokens(model, messages=messages, text=text, tools=tools)
 
     def count(self, model: str, messages: Any = None, text: Any = None, tools: Any = None) -> int:
+        if messages is None and tools is None and isinstance(text, str):
+            encode = ordinary_encoder(model)
+            if encode is not None:
+                return len(encode(text))
         return count_tokens(model, messages=messages, text=text, tools=tools)
