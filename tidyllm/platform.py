@@ -82,6 +82,8 @@ class Platform:
                                  budgets=self.budgets, policy=self.policy, audit=self.audit, limiter=self.limiter,
                                  routes=facts, gateway_api_bases=self.gateway.api_bases())
         self.governor.add_listener(self._health_listener)
+        #: who is calling (tidyllm.governance.identity): tokens, the notebook's user, required context
+        self.identity = self.governor.identity
         self.budgets.reconcile()
         self._callbacks: Any = None
         self._provider: Any = None

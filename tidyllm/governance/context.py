@@ -1,7 +1,9 @@
 """Caller context: who asks, for which department, why, for what, with which data.
 
 LiteLLM carries it in ``metadata={...}``; :meth:`CallContext.from_metadata` validates it once
-and merges the configured defaults underneath.
+and merges the configured defaults underneath; user and department names are normalised there
+(:func:`tidyllm.governance.identity.normalize_name`). Who the caller *is* — which source vouches
+for the user and department — is decided by :class:`tidyllm.governance.identity.IdentityResolver`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ class CallContext:
     data_sensitivity: str | None = None
     #: other string/number keys the caller passed (used as routing features)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: where user and department came from: authenticated, token, declared, jupyterhub, os-user (or
+    #: ``user-source/department-source`` when they differ); None when neither is known
+    identity_source: str | None = None
 
     @classmethod
     def from_metadata(cls, metadata: Any, *, defaults: Mapping[str, str] | None = None,
@@ -36,6 +41,7 @@ class CallContext:
         """Validate ``metadata`` (a dict or None) with ``defaults`` underneath."""
         # imported here: the refusal classes are built on LiteLLM's, which is slow to import
         from tidyllm.errors import MetadataError
+        from tidyllm.governance.identity import normalize_name
 
         if metadata is None:
             metadata = {}
@@ -52,6 +58,9 @@ class CallContext:
                 raise MetadataError(f"metadata[{key!r}] must be a string, got {type(value).__name__} {value!r}")
             if isinstance(value, str) and not value.strip():
                 values.pop(key)
+        for key in ("user_id", "department"):
+            if key in values:
+                values[key] = normalize_name(values[key]) or None
         sensitivity = values.get("data_sensitivity")
         if sensitivity is not None and sensitivity not in sensitivity_classes:
             raise MetadataError(f"metadata['data_sensitivity'] {sensitivity!r} is not a known class; "
@@ -62,11 +71,11 @@ class CallContext:
         extra = {k: v for k, v in metadata.items()
                  if k not in CONTEXT_KEYS and k != STAMP_KEY and isinstance(k, str)
                  and isinstance(v, (str, int, float)) and not isinstance(v, bool)
-                 and k not in _LITELLM_OWN_KEYS}
+                 and k not in _LITELLM_OWN_KEYS and k not in _IDENTITY_KEYS}
         return cls(extra=extra, **{k: values.get(k) for k in CONTEXT_KEYS})
 
     def as_dict(self) -> dict[str, Any]:
-        """The context as a flat dict (for routing features and records)."""
+        """The context as a flat dict (for routing features and records; without ``identity_source``)."""
         out = {k: getattr(self, k) for k in CONTEXT_KEYS if getattr(self, k) is not None}
         out.update(self.extra)
         return out
@@ -79,3 +88,6 @@ _LITELLM_OWN_KEYS = frozenset({
     "litellm_trace_id", "model_group_alias", "deployment_model_name", "user_api_key", "hidden_params",
     "tidyllm_call_id", "tidyllm_tried",
 })
+
+# Keys that carry identity credentials: never routing features, never recorded.
+_IDENTITY_KEYS = frozenset({"tidyllm_token"})

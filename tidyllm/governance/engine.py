@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from tidyllm.governance.audit import AuditTrail
     from tidyllm.gateway.traces import TraceLookup, TraceRef
     from tidyllm.governance.budgets import BudgetLedger, Reservation
+    from tidyllm.governance.identity import IdentityResolver
     from tidyllm.governance.policy import AuthorizationPolicy
     from tidyllm.governance.streams import StreamTally
     from tidyllm.mart.fastsql import Tx
@@ -168,7 +169,9 @@ class Governor:
     def __init__(self, mart: "TidyMart", *, settings: "GovernanceSettings", defaults: Mapping[str, str],
                  prices: "PriceBook", budgets: "BudgetLedger", policy: "AuthorizationPolicy",
                  audit: "AuditTrail", limiter: "RateLimiter", routes: Mapping[str, RouteFacts] | None = None,
-                 gateway_api_bases: tuple[str, ...] = ()) -> None:
+                 gateway_api_bases: tuple[str, ...] = (), identity: "IdentityResolver | None" = None) -> None:
+        from tidyllm.governance.identity import IdentityResolver
+
         self.mart = mart
         self.settings = settings
         self.defaults = dict(defaults)
@@ -187,14 +190,14 @@ class Governor:
         self._streams: dict[str, "StreamTally"] = {}
         #: finds the MLflow trace of a call on a tracking-server gateway (set with the server's Router)
         self.trace_lookup: "TraceLookup | None" = None
+        #: who is calling: identity sources, tokens, required context (tidyllm.governance.identity)
+        self.identity = identity or IdentityResolver.from_settings(settings, defaults, budgets.has_department_budgets)
 
     # --- context ------------------------------------------------------------------------------
 
     def context(self, metadata: Any) -> CallContext:
-        """Validate caller metadata with the configured defaults."""
-        return CallContext.from_metadata(metadata, defaults=self.defaults,
-                                         sensitivity_classes=tuple(self.settings.sensitivity_classes),
-                                         require_audit=self.settings.require_audit)
+        """The caller's resolved, validated and normalised context (:meth:`IdentityResolver.resolve`)."""
+        return self.identity.resolve(metadata)
 
     def route_facts(self, route: str) -> RouteFacts:
         """Tags and sensitivity classes of a configured route (bare facts for anything else)."""
