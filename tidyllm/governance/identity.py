@@ -203,7 +203,8 @@ class TokenKey:
             text = path.read_text(encoding="ascii").strip()
         except FileNotFoundError:
             raise ConfigurationError(f"no token key at {path}: create it with `tidyllm token issue` (or point "
-                                     "governance.token_key_file / $TIDYLLM_TOKEN_KEY_FILE at the platform's key)") from None
+                                     "governance.token_key_file / $TIDYLLM_TOKEN_KEY_FILE at the platform's "
+                                     "key)") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigurationError(f"cannot read the token key {path}: {exc}") from exc
         if os.name == "posix" and st.st_mode & 0o077:
@@ -252,8 +253,8 @@ class TokenKey:
         wrong-platform, tampered or expired) otherwise. Messages never contain the token."""
         parts = token.split(".") if isinstance(token, str) else []
         if len(parts) != 3 or parts[0] != _TOKEN_PREFIX:
-            raise TokenError("malformed", "the caller token is not a tidyllm token (expected tlm1.<claims>.<signature>, "
-                                          "as `tidyllm token issue` prints)")
+            raise TokenError("malformed", "the caller token is not a tidyllm token (expected "
+                                          "tlm1.<claims>.<signature>, as `tidyllm token issue` prints)")
         try:
             claims = json.loads(_unb64(parts[1]))
             user, kid = claims["sub"], claims["kid"]
@@ -314,7 +315,8 @@ class IdentityResolver:
             raise ConfigurationError(f"governance.identity must be one of {', '.join(MODES)}; got {mode!r}")
         unknown = [k for k in require if k not in REQUIRABLE]
         if unknown:
-            raise ConfigurationError(f"governance.require: unknown key {unknown[0]!r}; use any of {', '.join(REQUIRABLE)}")
+            raise ConfigurationError(f"governance.require: unknown key {unknown[0]!r}; use any of "
+                                     f"{', '.join(REQUIRABLE)}")
         self.mode = mode
         self.require = tuple(require)
         self.defaults = dict(defaults or {})
@@ -457,10 +459,10 @@ class IdentityResolver:
             return err
 
         if vouched is None or not vouched.user_id:
-            raise refuse("identity:unverified", "this platform verifies identity (governance.identity: verified) and "
-                                                "the call carries none: pass a signed token (metadata={'tidyllm_token': "
-                                                "...} or $TIDYLLM_TOKEN, from `tidyllm token issue`) or call through "
-                                                "an authenticated entry point")
+            raise refuse("identity:unverified",
+                         "this platform verifies identity (governance.identity: verified) and the call carries none: "
+                         "pass a signed token (metadata={'tidyllm_token': ...} or $TIDYLLM_TOKEN, from `tidyllm token "
+                         "issue`) or call through an authenticated entry point")
         user = vouched.user_id
         if declared.user_id and declared.user_id != user:
             raise refuse("identity:user-mismatch", f"declared user {declared.user_id!r} disagrees with user {user!r} "

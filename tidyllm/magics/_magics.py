@@ -326,7 +326,8 @@ class LLMMagics(Magics):
             lines.append(f"platform: {installed!r}{pending}")
             session = installed.identity.session
             if session is not None:
-                lines.append(f"identity: {installed.identity.mode}; notebook user {session.user_id!r} ({session.source})")
+                lines.append(f"identity: {installed.identity.mode}; notebook user {session.user_id!r} "
+                             f"({session.source})")
         print("\n".join(lines))
 
     # --- %llm_budget -------------------------------------------------------------------------------------
