@@ -49,11 +49,11 @@ class GovernanceSettings:
     require_audit: bool = False
     #: context every call must carry, from department, user_id, audit_reason, use_case, data_sensitivity
     #: (``TIDYLLM_REQUIRE`` takes them comma-separated; ``[]`` requires none). Whatever it says, a call
-    #: without a department is refused while any department budget exists
+    #: without a department is refused while any department budget exists.
     require: tuple[str, ...] = ("department",)
     #: "declared": a caller's metadata is taken unless a token or an authenticated identity says otherwise;
     #: "verified": every call needs a verified identity (authenticated, token, notebook user) and a
-    #: declared user or department that disagrees with it is refused (docs/governance.md)
+    #: declared user or department that disagrees with it is refused (docs/governance.md).
     identity: str = "declared"
     #: the department of each user whose verified identity names none: ``{user: department}``
     user_departments: Mapping[str, str] = field(default_factory=dict)

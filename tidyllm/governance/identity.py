@@ -36,7 +36,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import contextvars
-import dataclasses
 import hashlib
 import hmac
 import json
@@ -334,6 +333,8 @@ class IdentityResolver:
         #: the notebook's declared context (``%llm_config``), over ``defaults``
         self.notebook: dict[str, str] = {}
         self._key: tuple[tuple[int, int], TokenKey] | None = None
+        #: tokens this key verified, with their claims (a token is checked once; its expiry on every call)
+        self._claims: dict[str, TokenClaims] = {}
 
     @classmethod
     def from_settings(cls, settings: "GovernanceSettings", defaults: Mapping[str, str],
@@ -368,6 +369,7 @@ class IdentityResolver:
         cached = self._key
         if cached is None or cached[0] != stamp:
             cached = self._key = (stamp, TokenKey.load(self.key_file))
+            self._claims = {}
         return cached[1]
 
     def _token_identity(self, token: Any) -> Identity:
@@ -379,7 +381,13 @@ class IdentityResolver:
             err.rule = "identity:token-malformed"
             raise err
         try:
-            claims = self.key().verify(token)
+            key = self.key()
+            claims = self._claims.get(token)
+            if claims is None or claims.expires_at <= time.time():
+                claims = key.verify(token)
+                if len(self._claims) >= 4096:
+                    self._claims = {}
+                self._claims[token] = claims
         except TokenError as exc:
             err = MetadataError(str(exc))
             err.rule = f"identity:token-{exc.kind}"
@@ -395,15 +403,16 @@ class IdentityResolver:
     def resolve(self, metadata: Any, *, authenticated: Identity | None = None) -> "CallContext":
         """The validated context of one call. Raises :class:`~tidyllm.errors.MetadataError` (its ``rule``
         starts ``identity:``, or is ``metadata``) for a refused identity or missing required context."""
-        from tidyllm.errors import MetadataError
         from tidyllm.governance.context import CallContext
 
-        declared = CallContext.from_metadata(metadata, defaults={**self.defaults, **self.notebook},
+        declared = CallContext.from_metadata(metadata, defaults={**self.defaults, **self.notebook}
+                                             if self.notebook else self.defaults,
                                              sensitivity_classes=self.sensitivity_classes)
-        md = metadata if isinstance(metadata, Mapping) else {}
-        vouched = authenticated or current_authenticated()
-        if vouched is None and (md.get(TOKEN_KEY) is not None or self.token):
-            vouched = self._token_identity(md.get(TOKEN_KEY) if md.get(TOKEN_KEY) is not None else self.token)
+        vouched = authenticated or _AUTHENTICATED.get()
+        if vouched is None:
+            token = metadata.get(TOKEN_KEY) if metadata else None
+            if token is not None or self.token:
+                vouched = self._token_identity(token if token is not None else self.token)
         session = self.session
         if self.mode == "verified":
             user, dept, user_src, dept_src = self._verified(declared, vouched or session)
@@ -411,12 +420,15 @@ class IdentityResolver:
             user, dept, user_src, dept_src = self._declared(declared, vouched, session)
         if user and not dept and user in self.user_departments:
             dept, dept_src = self.user_departments[user], user_src
-        ctx = dataclasses.replace(declared, user_id=user, department=dept,
-                                  identity_source=_source(user_src if user else None, dept_src if dept else None))
+        ctx = CallContext(user_id=user, department=dept, audit_reason=declared.audit_reason,
+                          use_case=declared.use_case, data_sensitivity=declared.data_sensitivity, extra=declared.extra,
+                          identity_source=_source(user_src if user else None, dept_src if dept else None))
         for key in self.require:
             if not getattr(ctx, key):
-                raise _missing(key, MetadataError)
+                raise _missing(key)
         if not ctx.department and self.department_budgets is not None and self.department_budgets():
+            from tidyllm.errors import MetadataError
+
             err = MetadataError("department budgets are set on this platform, so a call without a department is "
                                 "refused (it would escape them): pass metadata={'department': ...} (or "
                                 "%llm_config department=... in a notebook)")
@@ -497,7 +509,9 @@ _MISSING = {
 }
 
 
-def _missing(key: str, error: type) -> Exception:
-    err = error(_MISSING.get(key, f"this platform requires {key} on every call: pass metadata={{{key!r}: ...}}"))
+def _missing(key: str) -> Exception:
+    from tidyllm.errors import MetadataError
+
+    err = MetadataError(_MISSING.get(key, f"this platform requires {key} on every call: pass metadata={{{key!r}: ...}}"))
     err.rule = "metadata" if key == "audit_reason" else f"identity:missing-{key.replace('_id', '')}"
     return err
