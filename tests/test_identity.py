@@ -161,3 +161,24 @@ def test_migration_stops_on_budgets_that_become_one(db_url: str) -> None:
         assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
         assert sorted(r[0] for r in conn.execute(sa.text("SELECT name FROM budgets"))) == ["Risk", "risk"]
     engine.dispose()
+
+
+def test_authenticated_identity_follows_tasks_and_threads() -> None:
+    import asyncio
+
+    from tidyllm.governance.identity import Identity, authenticated, current_authenticated, set_authenticated
+
+    async def handler() -> tuple:
+        set_authenticated(Identity("Dora", "Treasury"))  # as a web framework's auth dependency would
+        inner = await asyncio.to_thread(current_authenticated)
+        task = await asyncio.create_task(asyncio.sleep(0, current_authenticated()))
+        return inner, task
+
+    inner, task = asyncio.run(handler())
+    assert inner == task == Identity("dora", "treasury")
+    assert current_authenticated() is None  # the request's context, not the process's
+    with authenticated(Identity("ana")):
+        assert current_authenticated() == Identity("ana", None, "authenticated")
+    assert current_authenticated() is None
+    with pytest.raises(TypeError, match="tidyllm Identity"):
+        set_authenticated({"user_id": "ana"})  # type: ignore[arg-type]

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from tidyllm.settings import GovernanceSettings
 
 __all__ = ["normalize_name", "Identity", "IdentityResolver", "TokenKey", "TokenClaims", "authenticated",
-           "current_authenticated", "session_identity", "parse_ttl", "TOKEN_KEY", "MODES", "REQUIRABLE"]
+           "set_authenticated", "current_authenticated", "session_identity", "parse_ttl", "TOKEN_KEY", "MODES", "REQUIRABLE"]
 
 log = logging.getLogger("tidyllm.governance")
 
@@ -115,13 +115,21 @@ def authenticated(identity: Identity | None) -> Iterator[None]:
     """Run the LiteLLM calls in the block as ``identity`` — the seam for an entry point (a proxy's
     auth, a web service) that authenticated its caller. The identity follows the calls into threads
     started with ``asyncio.to_thread`` / ``contextvars.copy_context()`` and into tasks."""
-    if identity is not None and not isinstance(identity, Identity):
-        raise TypeError(f"authenticated() takes a tidyllm Identity, got {type(identity).__name__}")
-    reset = _AUTHENTICATED.set(identity)
+    reset = set_authenticated(identity)
     try:
         yield
     finally:
         _AUTHENTICATED.reset(reset)
+
+
+def set_authenticated(identity: Identity | None) -> contextvars.Token:
+    """Make ``identity`` the authenticated caller of the current context from here on, for entry points
+    whose authenticating code cannot wrap the call in :func:`authenticated` (a web framework's
+    dependency or middleware running in the request's task). Returns the token that
+    ``contextvars.ContextVar.reset`` takes to undo it."""
+    if identity is not None and not isinstance(identity, Identity):
+        raise TypeError(f"the authenticated identity must be a tidyllm Identity, got {type(identity).__name__}")
+    return _AUTHENTICATED.set(identity)
 
 
 def current_authenticated() -> Identity | None:
