@@ -283,7 +283,9 @@ def test_load_ext_installs_the_platform_and_governs_every_litellm_call(
         assert platform._callbacks in litellm.callbacks
         assert platform.identity.session == Identity("ana.hub", source="jupyterhub")
         # a plain LiteLLM call in the first cell, no metadata: the notebook's identity applies
-        shell.run_line_magic("llm_config", "department=' RISK '")
+        shell.run_line_magic("llm_config", "department=' RISK ' reason='peer review'")
+        shell.run_line_magic("llm_config", "reason='peer review'")  # unchanged: the notebook's context stays whole
+        assert platform.identity.notebook == {"department": " RISK ", "audit_reason": "peer review"}
         sim.reset_stats()
         result = shell.run_cell(
             "import asyncio, litellm\n"

@@ -94,6 +94,8 @@ class LLMMagics(Magics):
     def _context_changed(self, change: Any) -> None:
         from tidyllm.platform import current
 
+        if self.shell is None:
+            return  # %llm_config's validation probe, not the notebook's magics
         installed = current()
         if installed is not None and not self._reinstall:
             self._identify(installed)
