@@ -182,3 +182,18 @@ def test_authenticated_identity_follows_tasks_and_threads() -> None:
     assert current_authenticated() is None
     with pytest.raises(TypeError, match="tidyllm Identity"):
         set_authenticated({"user_id": "ana"})  # type: ignore[arg-type]
+
+
+def test_a_bad_token_is_refused_even_beside_an_authenticated_identity(tmp_path: Path) -> None:
+    from tidyllm.errors import MetadataError
+    from tidyllm.governance.identity import Identity
+
+    key = TokenKey.create(tmp_path / "token.key")
+    resolver = IdentityResolver(key_file=tmp_path / "token.key")
+    expired = key.issue("ana", "risk", ttl_seconds=1, now=time.time() - 60)
+    with pytest.raises(MetadataError) as info:
+        resolver.resolve({"tidyllm_token": expired}, authenticated=Identity("carol", "ops"))
+    assert info.value.rule == "identity:token-expired"
+    valid = key.issue("ana", "risk", ttl_seconds=60)
+    ctx = resolver.resolve({"tidyllm_token": valid}, authenticated=Identity("carol", "ops"))
+    assert (ctx.user_id, ctx.department, ctx.identity_source) == ("carol", "ops", "authenticated")

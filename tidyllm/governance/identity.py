@@ -417,10 +417,12 @@ class IdentityResolver:
                                              if self.notebook else self.defaults,
                                              sensitivity_classes=self.sensitivity_classes)
         vouched = authenticated or _AUTHENTICATED.get()
-        if vouched is None:
-            token = metadata.get(TOKEN_KEY) if metadata else None
-            if token is not None or self.token:
-                vouched = self._token_identity(token if token is not None else self.token)
+        token = metadata.get(TOKEN_KEY) if metadata else None
+        if token is not None:  # a token sent with a call is always checked: a bad one is refused
+            signed = self._token_identity(token)
+            vouched = vouched or signed
+        elif vouched is None and self.token:
+            vouched = self._token_identity(self.token)
         session = self.session
         if self.mode == "verified":
             user, dept, user_src, dept_src = self._verified(declared, vouched or session)
