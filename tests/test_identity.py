@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from tidyllm.cli import main
 from tidyllm.errors import ConfigurationError, StorageError, TokenError
-from tidyllm.governance.identity import IdentityResolver, TokenKey, normalize_name, parse_ttl, session_identity
+from tidyllm.governance.identity import IdentityResolver, normalize_name, session_identity
+from tidyllm.governance.tokens import TokenKey, parse_ttl
 from tidyllm.settings import load_settings
 
 

@@ -17,7 +17,8 @@ import pytest
 import tidyllm
 from tidyllm.errors import BudgetExceededError, MetadataError, RateLimitedError, RouteNotAuthorizedError
 from tidyllm.gateway.simulator import Simulator
-from tidyllm.governance.identity import Identity, TokenKey, authenticated
+from tidyllm.governance.identity import Identity, authenticated
+from tidyllm.governance.tokens import TokenKey
 
 from govhelpers import sim_router
 

@@ -24,7 +24,7 @@ def token() -> None:
 def issue(user: str, department: str | None, ttl: str, config: str | None, database_url: str | None) -> None:
     """Print a token for USER (and DEPARTMENT), valid for TTL. Pass it as metadata={"tidyllm_token": ...}
     or $TIDYLLM_TOKEN. Creates the platform's key file (mode 0600) on first use."""
-    from tidyllm.governance.identity import TokenKey, parse_ttl
+    from tidyllm.governance.tokens import TokenKey, parse_ttl
 
     seconds = parse_ttl(ttl)
     path = load(config, database_url).governance.key_path()
@@ -44,7 +44,7 @@ def verify(value: str | None, config: str | None, database_url: str | None) -> N
     """Check a token (VALUE, else $TIDYLLM_TOKEN, else stdin) and print what it says; exit 1 when it is
     expired, tampered, malformed or another platform's."""
     from tidyllm.errors import TokenError
-    from tidyllm.governance.identity import TokenKey
+    from tidyllm.governance.tokens import TokenKey
 
     settings = load(config, database_url)
     text = value or settings.governance.token or sys.stdin.readline()

@@ -12,7 +12,8 @@ sources (strongest first), and the source is recorded on the call (``CallContext
     a signed caller token (``tidyllm token issue --user ana --department risk --ttl 8h``), passed
     per call as ``metadata={"tidyllm_token": ...}`` or for a whole process as ``$TIDYLLM_TOKEN``.
     Tokens are HMAC-SHA256 signed with the platform's key, a file outside the database
-    (:class:`TokenKey`); an expired, tampered, malformed or other platform's token is refused.
+    (:class:`tidyllm.governance.tokens.TokenKey`); an expired, tampered, malformed or other
+    platform's token is refused.
 ``declared``
     ``metadata={"user_id": ..., "department": ...}`` and the configured ``defaults`` (``%llm_config``
     in a notebook): the caller's word.
@@ -33,30 +34,25 @@ budgets, the authorisation rules, the rate limits, the settings and the call row
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import contextvars
-import hashlib
-import hmac
-import json
 import logging
 import os
-import re
-import secrets
 import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from tidyllm.errors import ConfigurationError, TokenError
+from tidyllm.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from tidyllm.governance.context import CallContext
+    from tidyllm.governance.tokens import TokenClaims, TokenKey
     from tidyllm.settings import GovernanceSettings
 
-__all__ = ["normalize_name", "Identity", "IdentityResolver", "TokenKey", "TokenClaims", "authenticated",
-           "set_authenticated", "current_authenticated", "session_identity", "parse_ttl", "TOKEN_KEY", "MODES", "REQUIRABLE"]
+__all__ = ["normalize_name", "Identity", "IdentityResolver", "authenticated", "set_authenticated",
+           "current_authenticated", "session_identity", "TOKEN_KEY", "MODES", "REQUIRABLE"]
 
 log = logging.getLogger("tidyllm.governance")
 
@@ -66,9 +62,6 @@ TOKEN_KEY = "tidyllm_token"
 MODES = ("declared", "verified")
 #: context keys ``governance.require`` may list
 REQUIRABLE = ("department", "user_id", "audit_reason", "use_case", "data_sensitivity")
-_TOKEN_PREFIX = "tlm1"
-#: a token issued this far in the future is refused (clocks of issuer and verifier disagree this much)
-_CLOCK_SKEW_S = 300
 
 
 def normalize_name(value: str) -> str:
@@ -148,158 +141,6 @@ def session_identity(environ: Mapping[str, str] | None = None) -> Identity:
     return Identity(getpass.getuser(), source="os-user")
 
 
-# --- signed caller tokens -----------------------------------------------------------------------------
-
-_TTL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_ttl(text: str) -> int:
-    """Seconds in a lifetime like ``8h``, ``30m``, ``7d``, ``2w`` or ``3600`` (seconds)."""
-    match = _TTL.match(str(text))
-    seconds = int(float(match.group(1)) * _UNITS[match.group(2)]) if match else 0
-    if seconds <= 0:
-        raise ConfigurationError(f"a token lifetime must be a positive duration like 8h, 30m, 7d or 3600; got {text!r}")
-    return seconds
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-@dataclass(frozen=True)
-class TokenClaims:
-    """What a verified token says: who, which department, when it was issued and when it expires."""
-
-    user_id: str
-    department: str | None
-    issued_at: int
-    expires_at: int
-    #: the signing key's id (a fingerprint, not the key)
-    key_id: str
-    #: the token's own random id
-    token_id: str
-
-
-class TokenKey:
-    """The platform's token signing key: 32 random bytes, hex, in a file only its owner may read (0600),
-    outside the database (a copy of the database never lets anyone mint tokens). Replacing the file
-    invalidates every token issued with the old key."""
-
-    def __init__(self, secret: bytes) -> None:
-        if len(secret) < 32:
-            raise ConfigurationError("a token key needs at least 32 bytes")
-        self._secret = secret
-        #: a public fingerprint naming the key (tokens carry it, so another platform's token is told apart)
-        self.key_id = hashlib.sha256(b"tidyllm-token-key-id:" + secret).hexdigest()[:12]
-
-    def __repr__(self) -> str:
-        return f"<TokenKey {self.key_id}>"
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "TokenKey":
-        """Read the key file; :class:`~tidyllm.errors.ConfigurationError` when it is missing, readable by
-        others, or not a key."""
-        path = Path(path)
-        try:
-            st = path.stat()
-            text = path.read_text(encoding="ascii").strip()
-        except FileNotFoundError:
-            raise ConfigurationError(f"no token key at {path}: create it with `tidyllm token issue` (or point "
-                                     "governance.token_key_file / $TIDYLLM_TOKEN_KEY_FILE at the platform's "
-                                     "key)") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigurationError(f"cannot read the token key {path}: {exc}") from exc
-        if os.name == "posix" and st.st_mode & 0o077:
-            raise ConfigurationError(f"the token key {path} may be read by others (mode {st.st_mode & 0o777:o}); "
-                                     f"run `chmod 600 {path}`")
-        try:
-            secret = bytes.fromhex(text)
-        except ValueError:
-            raise ConfigurationError(f"{path} is not a tidyllm token key (expected 64 hex digits)") from None
-        return cls(secret)
-
-    @classmethod
-    def create(cls, path: str | os.PathLike[str]) -> "TokenKey":
-        """Write a new random key to ``path`` (mode 0600; refuses to overwrite an existing file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        secret = secrets.token_bytes(32)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise ConfigurationError(f"a token key already exists at {path}") from None
-        with os.fdopen(fd, "w", encoding="ascii") as out:
-            out.write(secret.hex() + "\n")
-        return cls(secret)
-
-    def _sign(self, body: str) -> str:
-        return _b64(hmac.new(self._secret, body.encode("ascii"), hashlib.sha256).digest())
-
-    def issue(self, user_id: str, department: str | None = None, *, ttl_seconds: int,
-              now: float | None = None) -> str:
-        """A token for ``user_id`` (and ``department``), valid for ``ttl_seconds``."""
-        user = _optional_name(user_id) if isinstance(user_id, str) else None
-        if not user:
-            raise ConfigurationError("a token needs the user it identifies (--user)")
-        dept = _optional_name(department) if department is not None else None
-        if ttl_seconds <= 0:
-            raise ConfigurationError(f"a token lifetime must be positive, got {ttl_seconds} s")
-        issued = int(now if now is not None else time.time())
-        claims = {"v": 1, "kid": self.key_id, "sub": user, "dept": dept, "iat": issued,
-                  "exp": issued + int(ttl_seconds), "jti": secrets.token_hex(8)}
-        body = f"{_TOKEN_PREFIX}.{_b64(json.dumps(claims, separators=(',', ':'), sort_keys=True).encode())}"
-        return f"{body}.{self._sign(body)}"
-
-    def verify(self, token: str, *, now: float | None = None) -> TokenClaims:
-        """The claims of a valid token; :class:`~tidyllm.errors.TokenError` (``kind`` malformed,
-        wrong-platform, tampered or expired) otherwise. Messages never contain the token."""
-        parts = token.split(".") if isinstance(token, str) else []
-        if len(parts) != 3 or parts[0] != _TOKEN_PREFIX:
-            raise TokenError("malformed", "the caller token is not a tidyllm token (expected "
-                                          "tlm1.<claims>.<signature>, as `tidyllm token issue` prints)")
-        try:
-            claims = json.loads(_unb64(parts[1]))
-            user, kid = claims["sub"], claims["kid"]
-            issued, expires = int(claims["iat"]), int(claims["exp"])
-            dept = claims.get("dept")
-            if not isinstance(user, str) or not isinstance(kid, str) or not (dept is None or isinstance(dept, str)):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            raise TokenError("malformed", "the caller token's claims cannot be read: issue a new one with "
-                                          "`tidyllm token issue`") from None
-        who = f"user {user!r}" + (f" of department {dept!r}" if dept else "")
-        if not hmac.compare_digest(kid, self.key_id):
-            raise TokenError("wrong-platform", f"the caller token for {who} was signed by another platform's key "
-                                               f"({kid}, this platform's is {self.key_id}): issue one here with "
-                                               "`tidyllm token issue`")
-        if not hmac.compare_digest(parts[2], self._sign(f"{parts[0]}.{parts[1]}")):
-            raise TokenError("tampered", f"the caller token claiming {who} does not match its signature: it was "
-                                         "altered; issue a new one with `tidyllm token issue`")
-        at = now if now is not None else time.time()
-        if expires <= at:
-            ago = _duration(at - expires)
-            raise TokenError("expired", f"the caller token for {who} expired {ago} ago: issue a new one with "
-                                        "`tidyllm token issue`")
-        if issued > at + _CLOCK_SKEW_S:
-            raise TokenError("malformed", f"the caller token for {who} is dated {_duration(issued - at)} in the "
-                                          "future: check the clocks of the issuing and the verifying hosts")
-        return TokenClaims(user_id=user, department=dept, issued_at=issued, expires_at=expires, key_id=kid,
-                           token_id=str(claims.get("jti") or ""))
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}".replace(".0", "")
-    return f"{seconds}s"
-
-
 # --- the resolver -------------------------------------------------------------------------------------
 
 class IdentityResolver:
@@ -340,9 +181,9 @@ class IdentityResolver:
         self.session: Identity | None = None
         #: the notebook's declared context (``%llm_config``), over ``defaults``
         self.notebook: dict[str, str] = {}
-        self._key: tuple[tuple[int, int], TokenKey] | None = None
+        self._key: "tuple[tuple[int, int], TokenKey] | None" = None
         #: tokens this key verified, with their claims (a token is checked once; its expiry on every call)
-        self._claims: dict[str, TokenClaims] = {}
+        self._claims: "dict[str, TokenClaims]" = {}
 
     @classmethod
     def from_settings(cls, settings: "GovernanceSettings", defaults: Mapping[str, str],
@@ -365,8 +206,10 @@ class IdentityResolver:
 
     # --- tokens -----------------------------------------------------------------------------------
 
-    def key(self) -> TokenKey:
+    def key(self) -> "TokenKey":
         """The platform's token key, re-read when its file changes (so a replaced key takes effect)."""
+        from tidyllm.governance.tokens import TokenKey
+
         if self.key_file is None:
             raise ConfigurationError("no token key file is configured (governance.token_key_file)")
         try:
@@ -381,7 +224,7 @@ class IdentityResolver:
         return cached[1]
 
     def _token_identity(self, token: Any) -> Identity:
-        from tidyllm.errors import MetadataError
+        from tidyllm.errors import MetadataError, TokenError
 
         if not isinstance(token, str):
             err = MetadataError(f"metadata[{TOKEN_KEY!r}] must be the string `tidyllm token issue` printed, got "
@@ -522,6 +365,7 @@ _MISSING = {
 def _missing(key: str) -> Exception:
     from tidyllm.errors import MetadataError
 
-    err = MetadataError(_MISSING.get(key, f"this platform requires {key} on every call: pass metadata={{{key!r}: ...}}"))
+    default = f"this platform requires {key} on every call: pass metadata={{{key!r}: ...}}"
+    err = MetadataError(_MISSING.get(key, default))
     err.rule = "metadata" if key == "audit_reason" else f"identity:missing-{key.replace('_id', '')}"
     return err
