@@ -259,11 +259,11 @@ def test_rate_limits_are_enforced_and_audited(db_url: str, sim: Simulator) -> No
     try:
         router = sim_router(p, sim.url)
         for _ in range(2):
-            router.completion(model="chat", messages=MSG, max_tokens=5, metadata={"user_id": "bob"})
+            router.completion(model="chat", messages=MSG, max_tokens=5, metadata={"user_id": "bob", "department": "risk"})
         with pytest.raises(RateLimitedError) as info:
-            router.completion(model="chat", messages=MSG, max_tokens=5, metadata={"user_id": "bob"})
+            router.completion(model="chat", messages=MSG, max_tokens=5, metadata={"user_id": "bob", "department": "risk"})
         assert 0 < info.value.retry_after <= 60 and "2 requests per minute" in str(info.value)
-        router.completion(model="chat", messages=MSG, max_tokens=5, metadata={"user_id": "carol"})
+        router.completion(model="chat", messages=MSG, max_tokens=5, metadata={"user_id": "carol", "department": "risk"})
         assert "rate_limit" in set(p.audit.frame()["rule"].dropna())
     finally:
         tidyllm.uninstall()

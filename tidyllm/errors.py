@@ -16,6 +16,7 @@ need ``litellm``, which takes seconds to import), so ``import tidyllm.errors`` s
     │   ├── BudgetExceededError     *also* ``litellm.BudgetExceededError`` (not retried by LiteLLM)
     │   ├── RouteNotAuthorizedError *also* ``litellm.BudgetExceededError``'s no-retry contract
     │   └── RateLimitedError        *also* no-retry; carries ``retry_after`` seconds
+    ├── TokenError                  a caller token is malformed, tampered, expired or another platform's
     ├── InsufficientHistoryError    too little call history to forecast load
     ├── GatewayError                an MLflow gateway cannot be started, reached or provisioned
     └── RoutingError                the router has no candidate, or the bandit got bad input
@@ -37,6 +38,7 @@ __all__ = [
     "RateLimitedError",  # noqa: F822 - built on first use (see __getattr__)
     "GatewayError",
     "RoutingError",
+    "TokenError",
     "InsufficientHistoryError",
 ]
 
@@ -66,6 +68,14 @@ class GovernanceError(TidyLLMError):
 
     #: machine-readable rule or reason, also written to the audit row
     rule: str = "governance"
+
+
+class TokenError(TidyLLMError):
+    """A signed caller token cannot be accepted; ``kind`` is malformed, wrong-platform, tampered or expired."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class InsufficientHistoryError(TidyLLMError):

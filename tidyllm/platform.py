@@ -88,6 +88,8 @@ class Platform:
         #: the one admission sequence every LiteLLM entry point calls (tidyllm.governance.gate)
         self.gate = Gate(self.governor)
         self.governor.add_listener(self._health_listener)
+        #: who is calling (tidyllm.governance.identity): tokens, the notebook's user, required context
+        self.identity = self.governor.identity
         self.budgets.reclaim_charge = self.governor.reclaim_charge
         self.budgets.owners.start()
         # what dead processes on this host left: kept settlements replayed, their leases reclaimed

@@ -18,6 +18,7 @@ _PATTERNS = [
     re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{8,}"),  # Authorization header values
     re.compile(r"(?i)\b(api[_-]?key|x-api-key|authorization|password|secret|token)(\"?\s*[:=]\s*\"?)([^\s\"',}]{4,})"),
     re.compile(r"\bAKIA[0-9A-Z]{16}\b"),                            # AWS access key ids
+    re.compile(r"\btlm1\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"),  # tidyllm caller tokens
     re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"),                 # user:password@ in URLs
 ]
 _secrets: set[str] = set()

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 from tidyllm.errors import ConfigurationError
 
-__all__ = ["Settings", "load_settings", "default_database_url", "SENSITIVITY_CLASSES"]
+__all__ = ["Settings", "load_settings", "default_database_url", "default_home", "SENSITIVITY_CLASSES"]
 
 #: the data-sensitivity classes understood by default, least to most sensitive
 SENSITIVITY_CLASSES = ("public", "internal", "confidential", "restricted")
@@ -28,22 +28,40 @@ SENSITIVITY_CLASSES = ("public", "internal", "confidential", "restricted")
 _DEFAULTS_KEYS = ("user_id", "department", "audit_reason", "use_case", "data_sensitivity")
 
 
-def default_database_url() -> str:
-    """The default mart: ``tidyllm.db`` in ``$TIDYLLM_HOME`` or ``$XDG_DATA_HOME/tidyllm`` or ``~/.local/share/tidyllm``."""
+def default_home() -> Path:
+    """tidyllm's home folder: ``$TIDYLLM_HOME``, else ``$XDG_DATA_HOME/tidyllm``, else ``~/.local/share/tidyllm``."""
     home = os.environ.get("TIDYLLM_HOME")
     if home:
-        base = Path(home)
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "tidyllm"
-    return f"sqlite:///{base / 'tidyllm.db'}"
+        return Path(home)
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "tidyllm"
+
+
+def default_database_url() -> str:
+    """The default mart: ``tidyllm.db`` in :func:`default_home`."""
+    return f"sqlite:///{default_home() / 'tidyllm.db'}"
 
 
 @dataclass(frozen=True)
 class GovernanceSettings:
     """Knobs of the governance layer (budgets, authorisation, leases)."""
 
-    #: refuse a call that carries no ``audit_reason``
+    #: refuse a call that carries no ``audit_reason`` (the same as listing it in ``require``)
     require_audit: bool = False
+    #: context every call must carry, from department, user_id, audit_reason, use_case, data_sensitivity
+    #: (``TIDYLLM_REQUIRE`` takes them comma-separated; ``[]`` requires none). Whatever it says, a call
+    #: without a department is refused while any department budget exists.
+    require: tuple[str, ...] = ("department",)
+    #: "declared": a caller's metadata is taken unless a token or an authenticated identity says otherwise;
+    #: "verified": every call needs a verified identity (authenticated, token, notebook user) and a
+    #: declared user or department that disagrees with it is refused (docs/governance.md).
+    identity: str = "declared"
+    #: the department of each user whose verified identity names none: ``{user: department}``
+    user_departments: Mapping[str, str] = field(default_factory=dict)
+    #: file holding the platform's token signing key, outside the database (default: ``token.key`` in
+    #: ``$TIDYLLM_HOME``); `tidyllm token issue` creates it, mode 0600
+    token_key_file: str | None = None
+    #: this process's signed caller token (from the environment; never put it in a file)
+    token: str | None = field(default=None, repr=False)
     #: time zone in which budget periods (day/week/month) start
     timezone: str = "UTC"
     #: allowed ``data_sensitivity`` values, least to most sensitive
@@ -76,6 +94,15 @@ class GovernanceSettings:
     #: govern plain sync ``litellm.completion`` / ``embedding`` / ``text_completion`` by instrumenting them at
     #: ``install()`` (off: such calls are only recorded, as ``unenforced``)
     instrument_sync: bool = True
+
+    def required(self) -> tuple[str, ...]:
+        """``require``, with ``audit_reason`` added when ``require_audit`` is on."""
+        extra = ("audit_reason",) if self.require_audit and "audit_reason" not in self.require else ()
+        return tuple(self.require) + extra
+
+    def key_path(self) -> Path:
+        """The token key file: ``token_key_file``, else ``token.key`` in :func:`default_home`."""
+        return Path(self.token_key_file) if self.token_key_file else default_home() / "token.key"
 
 
 @dataclass(frozen=True)
@@ -166,10 +193,15 @@ _ENV_NESTED = {
     "TIDYLLM_AUDIT_CAPTURE": ("audit", "capture"),
     "TIDYLLM_GATEWAY_ONLY": ("governance", "gateway_only"),
     "TIDYLLM_TIMEZONE": ("governance", "timezone"),
+    "TIDYLLM_REQUIRE": ("governance", "require"),
+    "TIDYLLM_IDENTITY": ("governance", "identity"),
+    "TIDYLLM_TOKEN_KEY_FILE": ("governance", "token_key_file"),
+    "TIDYLLM_TOKEN": ("governance", "token"),
 }
 _CHOICES = {
     ("", "gateway_mode"): ("legacy", "server"),
     ("governance", "unpriced"): ("refuse", "allow"),
+    ("governance", "identity"): ("declared", "verified"),
     ("audit", "capture"): ("none", "hash", "full"),
     ("routing", "strategy"): ("bandit", "cheapest"),
 }
@@ -279,7 +311,7 @@ def _section(current: Any, value: Any, name: str, origin: str) -> Any:
             raise ConfigurationError(
                 f"{origin}: unknown setting {name}.{key}; allowed: {', '.join(sorted(fields))}")
         default = getattr(type(current)(), key)
-        changes[key] = _coerce(raw, default, f"{name}.{key}", origin)
+        changes[key] = _names(_coerce(raw, default, f"{name}.{key}", origin), f"{name}.{key}", origin)
         _check_choice(name, key, changes[key], origin)
     return dataclasses.replace(current, **changes)
 
@@ -303,6 +335,10 @@ def _coerce(raw: Any, default: Any, key: str, origin: str) -> Any:
             raise ConfigurationError(f"{origin}: {key} must not be negative, got {raw!r}")
         return number
     if isinstance(default, tuple):
+        if isinstance(raw, str):  # from the environment: comma-separated
+            raw = [v.strip() for v in raw.split(",") if v.strip()]
+        if raw is None:
+            raw = []
         if not isinstance(raw, (list, tuple)) or not all(isinstance(v, str) for v in raw):
             raise ConfigurationError(f"{origin}: {key} must be a list of strings")
         return tuple(raw)
@@ -315,11 +351,41 @@ def _coerce(raw: Any, default: Any, key: str, origin: str) -> Any:
     return raw
 
 
+def _names(value: Any, key: str, origin: str) -> Any:
+    """Department and user names in the keys (and values) of per-department / per-user mappings,
+    normalised as every call's are (:func:`tidyllm.governance.identity.normalize_name`)."""
+    if not (key.endswith("_by_department") or key == "governance.user_departments"):
+        return value
+    from tidyllm.governance.identity import normalize_name
+
+    out: dict[str, Any] = {}
+    for name, item in value.items():
+        if not isinstance(name, str) or not normalize_name(name):
+            raise ConfigurationError(f"{origin}: {key} keys must be names, got {name!r}")
+        canonical = normalize_name(name)
+        if key == "governance.user_departments":
+            if not isinstance(item, str) or not normalize_name(item):
+                raise ConfigurationError(f"{origin}: {key}.{name} must be a department name, got {item!r}")
+            item = normalize_name(item)
+        if canonical in out:
+            raise ConfigurationError(f"{origin}: {key} names {canonical!r} twice (names are compared without case "
+                                     "and surrounding spaces)")
+        out[canonical] = item
+    return out
+
+
 def _check_choice(section: str, key: str, value: Any, origin: str) -> None:
     allowed = _CHOICES.get((section, key))
     if allowed and value not in allowed:
         name = f"{section}.{key}" if section else key
         raise ConfigurationError(f"{origin}: {name} must be one of {', '.join(allowed)}; got {value!r}")
+    if (section, key) == ("governance", "require"):
+        from tidyllm.governance.identity import REQUIRABLE
+
+        for item in value:
+            if item not in REQUIRABLE:
+                raise ConfigurationError(f"{origin}: governance.require: unknown key {item!r}; use any of "
+                                         f"{', '.join(REQUIRABLE)}")
     if (section, key) == ("governance", "admission_credit_calls") and value < 0:
         raise ConfigurationError(f"{origin}: governance.admission_credit_calls must be 0 (off) or more, got {value!r}")
     if (section, key) == ("governance", "timezone"):

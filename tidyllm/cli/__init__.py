@@ -26,6 +26,7 @@ _COMMANDS = {
     "report": ("tidyllm.cli.report", "report"),
     "routes": ("tidyllm.cli.routes", "routes"),
     "simulate": ("tidyllm.cli.simulate", "simulate"),
+    "token": ("tidyllm.cli.token", "token"),
 }
 
 

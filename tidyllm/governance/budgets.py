@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from tidyllm.errors import ConfigurationError
+from tidyllm.governance.identity import normalize_name
 from tidyllm.mart.fastsql import Tx, json_value
 from tidyllm.mart.schema import budget_events, budget_windows, budgets, lease_owners, reservations
 from tidyllm.mart.store import as_utc, utcnow
@@ -244,6 +245,7 @@ class BudgetLedger:
             raise ConfigurationError(f"unknown budget scope {scope!r}; use one of {', '.join(SCOPES)}")
         if not isinstance(name, str) or not name.strip():
             raise ConfigurationError(f"a {scope} budget needs the {scope}'s name")
+        name = _budget_name(scope, name)
         if period not in PERIODS:
             raise ConfigurationError(f"unknown budget period {period!r}; use one of {', '.join(PERIODS)}")
         if isinstance(limit_usd, bool):
@@ -284,6 +286,7 @@ class BudgetLedger:
 
     def delete(self, scope: str, name: str, period: str = "month") -> bool:
         """Remove a budget (its history goes with it). Returns whether it existed."""
+        name = _budget_name(scope, name)
         self.credit.return_all()
         with self._store.begin(write=True) as conn:
             result = conn.execute(budgets.delete().where(budgets.c.scope == scope, budgets.c.name == name,
@@ -304,6 +307,11 @@ class BudgetLedger:
             rows = [dict(r) for r in c.execute(sa.select(budgets)).mappings()]
         self._budgets_cache = (time.monotonic() + 1.0, rows)
         return rows
+
+    def has_department_budgets(self) -> bool:
+        """Whether any department budget exists (read at most once a second; a call without a department
+        is refused while one does, see tidyllm.governance.identity)."""
+        return any(b["scope"] == "department" for b in self._all())
 
     @staticmethod
     def applicable(rows: Iterable[dict[str, Any]], ctx: "CallContext", route: str | None,
@@ -616,7 +624,8 @@ class BudgetLedger:
 
     def status(self, scope: str | None = None, name: str | None = None) -> "pd.DataFrame":
         """One row per budget for its current window: scope, name, period, limit_usd, spent_usd,
-        reserved_usd, remaining_usd, window_start, window_end (UTC)."""
+        reserved_usd, remaining_usd, window_start, window_end (UTC). A department or user ``name`` is
+        matched normalised (``status(name=" Risk")`` finds department ``risk``)."""
         import pandas as pd
 
         now = utcnow()
@@ -626,7 +635,7 @@ class BudgetLedger:
         unused = self.credit.unused()
         with self._store.begin() as conn:
             for b in sorted(self._all(conn), key=lambda b: (SCOPES.index(b["scope"]), b["name"], b["period"])):
-                if (scope and b["scope"] != scope) or (name and b["name"] != name):
+                if (scope and b["scope"] != scope) or (name and b["name"] != _budget_name(b["scope"], name)):
                     continue
                 start, end = window_bounds(b["period"], now, self.tz)
                 w = conn.execute(sa.select(budget_windows.c.spent_usd, budget_windows.c.reserved_usd).where(
@@ -663,6 +672,12 @@ class BudgetLedger:
 # --- prepared statements (compiled once per database; see tidyllm.mart.fastsql) -------------------
 
 _BUDGET_COLS = ("id", "scope", "name", "period", "limit_usd", "soft_threshold")
+
+
+def _budget_name(scope: str, name: str) -> str:
+    """A budget's name as calls are matched against it: department and user names normalised
+    (:func:`~tidyllm.governance.identity.normalize_name`), route and model names as given."""
+    return normalize_name(name) if scope in ("department", "user") else name
 
 
 @functools.lru_cache(maxsize=256)

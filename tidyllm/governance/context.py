@@ -1,7 +1,9 @@
 """Caller context: who asks, for which department, why, for what, with which data.
 
 LiteLLM carries it in ``metadata={...}``; :meth:`CallContext.from_metadata` validates it once
-and merges the configured defaults underneath.
+and merges the configured defaults underneath; user and department names are normalised there
+(:func:`tidyllm.governance.identity.normalize_name`). Who the caller *is* — which source vouches
+for the user and department — is decided by :class:`tidyllm.governance.identity.IdentityResolver`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from tidyllm.governance.identity import normalize_name
 
 __all__ = ["CallContext", "CONTEXT_KEYS", "STAMP_KEY"]
 
@@ -28,20 +31,20 @@ class CallContext:
     data_sensitivity: str | None = None
     #: other string/number keys the caller passed (used as routing features)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: where user and department came from: authenticated, token, declared, jupyterhub, os-user (or
+    #: ``user-source/department-source`` when they differ); None when neither is known
+    identity_source: str | None = None
 
     @classmethod
     def from_metadata(cls, metadata: Any, *, defaults: Mapping[str, str] | None = None,
                       sensitivity_classes: tuple[str, ...] = ("public", "internal", "confidential", "restricted"),
                       require_audit: bool = False) -> "CallContext":
         """Validate ``metadata`` (a dict or None) with ``defaults`` underneath."""
-        # imported here: the refusal classes are built on LiteLLM's, which is slow to import
-        from tidyllm.errors import MetadataError
-
         if metadata is None:
             metadata = {}
-        if not isinstance(metadata, Mapping):
-            raise MetadataError(f"metadata must be a dict like {{'user_id': 'ana', 'department': 'risk'}}, "
-                                f"got {type(metadata).__name__}")
+        if not isinstance(metadata, (dict, Mapping)):
+            raise _error(f"metadata must be a dict like {{'user_id': 'ana', 'department': 'risk'}}, "
+                         f"got {type(metadata).__name__}")
         values: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if v not in (None, "")}
         for key in CONTEXT_KEYS:
             if key in metadata and metadata[key] is not None:
@@ -49,27 +52,37 @@ class CallContext:
         for key in CONTEXT_KEYS:
             value = values.get(key)
             if value is not None and not isinstance(value, str):
-                raise MetadataError(f"metadata[{key!r}] must be a string, got {type(value).__name__} {value!r}")
+                raise _error(f"metadata[{key!r}] must be a string, got {type(value).__name__} {value!r}")
             if isinstance(value, str) and not value.strip():
                 values.pop(key)
+        for key in ("user_id", "department"):
+            if key in values:
+                values[key] = normalize_name(values[key]) or None
         sensitivity = values.get("data_sensitivity")
         if sensitivity is not None and sensitivity not in sensitivity_classes:
-            raise MetadataError(f"metadata['data_sensitivity'] {sensitivity!r} is not a known class; "
-                                f"use one of {', '.join(sensitivity_classes)}")
+            raise _error(f"metadata['data_sensitivity'] {sensitivity!r} is not a known class; "
+                         f"use one of {', '.join(sensitivity_classes)}")
         if require_audit and not values.get("audit_reason"):
-            raise MetadataError("this platform requires an audit reason: pass metadata={'audit_reason': "
-                                "'why you make this call', ...} (or %llm_config reason=... in a notebook)")
+            raise _error("this platform requires an audit reason: pass metadata={'audit_reason': "
+                         "'why you make this call', ...} (or %llm_config reason=... in a notebook)")
         extra = {k: v for k, v in metadata.items()
                  if k not in CONTEXT_KEYS and k != STAMP_KEY and isinstance(k, str)
                  and isinstance(v, (str, int, float)) and not isinstance(v, bool)
-                 and k not in _LITELLM_OWN_KEYS}
+                 and k not in _LITELLM_OWN_KEYS and k not in _IDENTITY_KEYS}
         return cls(extra=extra, **{k: values.get(k) for k in CONTEXT_KEYS})
 
     def as_dict(self) -> dict[str, Any]:
-        """The context as a flat dict (for routing features and records)."""
+        """The context as a flat dict (for routing features and records; without ``identity_source``)."""
         out = {k: getattr(self, k) for k in CONTEXT_KEYS if getattr(self, k) is not None}
         out.update(self.extra)
         return out
+
+
+def _error(message: str) -> Exception:
+    # imported here: the refusal classes are built on LiteLLM's, which is slow to import
+    from tidyllm.errors import MetadataError
+
+    return MetadataError(message)
 
 
 # Keys LiteLLM's Router adds to metadata; they are not caller context.
@@ -79,3 +92,6 @@ _LITELLM_OWN_KEYS = frozenset({
     "litellm_trace_id", "model_group_alias", "deployment_model_name", "user_api_key", "hidden_params",
     "tidyllm_call_id", "tidyllm_tried",
 })
+
+# Keys that carry identity credentials: never routing features, never recorded.
+_IDENTITY_KEYS = frozenset({"tidyllm_token"})

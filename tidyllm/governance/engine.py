@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from tidyllm.governance.audit import AuditTrail
     from tidyllm.gateway.traces import TraceLookup, TraceRef
     from tidyllm.governance.budgets import BudgetLedger, Lease, Reservation
+    from tidyllm.governance.identity import IdentityResolver
     from tidyllm.governance.policy import AuthorizationPolicy
     from tidyllm.governance.spool import Spool
     from tidyllm.litellm_bridge.streams import StreamTally
@@ -99,7 +100,9 @@ class Governor:
                  prices: "PriceBook", budgets: "BudgetLedger", policy: "AuthorizationPolicy",
                  audit: "AuditTrail", limiter: "RateLimiter", routes: Mapping[str, RouteFacts] | None = None,
                  gateway_api_bases: tuple[str, ...] = (), tokens: TokenCounter | None = None,
-                 spool: "Spool | None" = None) -> None:
+                 spool: "Spool | None" = None, identity: "IdentityResolver | None" = None) -> None:
+        from tidyllm.governance.identity import IdentityResolver
+
         self.mart = mart
         self.settings = settings
         self.defaults = dict(defaults)
@@ -152,14 +155,14 @@ class Governor:
 
     def _count_text(self, route: str, text: str) -> int:
         return self.tokens.count(route, text=text)
+        #: who is calling: identity sources, tokens, required context (tidyllm.governance.identity)
+        self.identity = identity or IdentityResolver.from_settings(settings, defaults, budgets.has_department_budgets)
 
     # --- context ------------------------------------------------------------------------------
 
     def context(self, metadata: Any) -> CallContext:
-        """Validate caller metadata with the configured defaults."""
-        return CallContext.from_metadata(metadata, defaults=self.defaults,
-                                         sensitivity_classes=tuple(self.settings.sensitivity_classes),
-                                         require_audit=self.settings.require_audit)
+        """The caller's resolved, validated and normalised context (:meth:`IdentityResolver.resolve`)."""
+        return self.identity.resolve(metadata)
 
     def route_facts(self, route: str) -> RouteFacts:
         """Tags and sensitivity classes of a configured route (bare facts for anything else)."""
@@ -381,7 +384,8 @@ class Governor:
                     price_id=price.id if price else None,
                     input_per_1m=price.input_per_1m if price else None,
                     output_per_1m=price.output_per_1m if price else None,
-                    extra=dict(facts.extra), prompt_tokens=prompt_tokens, execution_id=facts.execution_id)
+                    extra=dict(facts.extra), prompt_tokens=prompt_tokens, execution_id=facts.execution_id,
+                    identity_source=_identity_source(ctx))
                 tx.run("llm_calls.insert", _q_insert_call,
                        id=call_id, started_at=now, call_type=call_type, user_id=ctx.user_id,
                        department=ctx.department, use_case=ctx.use_case, data_sensitivity=ctx.data_sensitivity,
@@ -414,7 +418,8 @@ class Governor:
             max_tokens=reserve_tokens if reservation_id else out_tokens, clamped=False,
             reservation_id=reservation_id or None, reserved_usd=worst if reservation_id else 0.0,
             price_id=price.id, input_per_1m=price.input_per_1m, output_per_1m=price.output_per_1m,
-            extra=dict(facts.extra), prompt_tokens=prompt_tokens, execution_id=facts.execution_id)
+            extra=dict(facts.extra), prompt_tokens=prompt_tokens, execution_id=facts.execution_id,
+            identity_source=_identity_source(ctx))
 
     def _store_litellm_price(self, price: "Price") -> "Price":
         """Store a LiteLLM price as a price version (once) and return it with its id."""
@@ -461,7 +466,8 @@ class Governor:
             "data_sensitivity": ctx.data_sensitivity, "requested_model": requested_model, "route": route,
             "decision": "refused", "rule": getattr(error, "rule", "governance"), "status": "refused",
             "error": f"{type(error).__name__}: {error}", **self.content_fields(messages, tools),
-            **({"extra": {"forged": list(forged)}} if forged else {})})
+            "extra": {k: v for k, v in (("forged", list(forged) if forged else None),
+                                        ("identity_source", _identity_source(ctx))) if v}})
         if budget_id is not None:
             self.budgets.record_event(tx, now, budget_id, "refused",
                                       {"call_id": call_id, "department": ctx.department, "user_id": ctx.user_id})
@@ -470,9 +476,13 @@ class Governor:
                         call_type: str, messages: Any, call_id: str | None = None,
                         forged: tuple[str, ...] = ()) -> None:
         """Audit a call refused for malformed metadata (best-effort context) and raise ``error``."""
+        from tidyllm.governance.identity import normalize_name
+
         md = metadata if isinstance(metadata, Mapping) else {}
         ctx = CallContext(**{k: (md.get(k) if isinstance(md.get(k), str) else None)
-                             for k in ("user_id", "department", "audit_reason", "use_case")})
+                             for k in ("audit_reason", "use_case")},
+                          **{k: (normalize_name(md[k]) or None) if isinstance(md.get(k), str) else None
+                             for k in ("user_id", "department")}, identity_source="declared")
         self.refuse(error, call_id=call_id or str(uuid.uuid4()), ctx=ctx, route=route,
                     requested_model=requested_model, call_type=call_type, messages=messages, forged=forged)
 
@@ -633,6 +643,7 @@ class Governor:
                  "tool_calls": [{"name": n, "arguments": a} for n, a in record.tool_calls]
                  if called and self.audit.capture == "full" else None,
                  "forged": admission.extra.get("forged"), "execution_id": admission.execution_id,
+                 "identity_source": admission.identity_source,
                  "overshoot_usd": overshoot if overshoot > 1e-12 else None}
         if overshoot > 1e-12:
             log.warning("call %s cost $%.6f, more than the $%.6f reserved for its worst case: the overshoot is "
@@ -866,10 +877,15 @@ class Governor:
         the budgets it belongs to."""
         if record.exception is not None and isinstance(record.exception, GovernanceError):
             return
+        md = {k: v for k, v in record.metadata.items() if k != STAMP_KEY}
         try:
-            ctx = self.context({k: v for k, v in record.metadata.items() if k != STAMP_KEY})
+            ctx = self.context(md)
         except GovernanceError:
-            ctx = CallContext()
+            # the call happened all the same: record it under the identity it declared
+            from tidyllm.governance.identity import normalize_name
+
+            ctx = CallContext(**{k: (normalize_name(md[k]) or None) if isinstance(md.get(k), str) else None
+                                 for k in ("user_id", "department")}, identity_source="declared")
         now = utcnow()
         model = record.model or "unknown"
         price = self.prices.lookup(model, now)
@@ -912,7 +928,8 @@ class Governor:
                    provider_model=record.provider_model, status="unenforced", stream=bool(record.stream),
                    prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens, cost_usd=cost,
                    price_id=price.id if price else None, latency_ms=record.latency_ms,
-                   error_type=record.error_type, error_message=redact(record.error_message))
+                   error_type=record.error_type, error_message=redact(record.error_message),
+                   identity_source=_identity_source(ctx))
             self.audit.append(tx, {
                 "call_id": call_id, "recorded_at": now, "user_id": ctx.user_id, "department": ctx.department,
                 "audit_reason": ctx.audit_reason, "use_case": ctx.use_case, "data_sensitivity": ctx.data_sensitivity,
@@ -977,7 +994,8 @@ def _credit_admission(block_id: str, *, call_id: str, route: str, requested_mode
                       facts: _Facts) -> Admission:
     """The admission of a call admitted from admission-credit block ``block_id``."""
     return Admission(call_id=call_id, route=route, requested_model=requested_model, call_type=call_type,
-                     context=ctx.as_dict(), identity_source=_identity_source(ctx), started_at=now.isoformat(), max_tokens=max_tokens, clamped=False,
+                     context=ctx.as_dict(), identity_source=_identity_source(ctx), started_at=now.isoformat(),
+                     max_tokens=max_tokens, clamped=False,
                      reserved_usd=worst, price_id=price.id, input_per_1m=price.input_per_1m,
                      output_per_1m=price.output_per_1m, extra=dict(facts.extra), credit_id=block_id,
                      prompt_tokens=facts.prompt_tokens, execution_id=facts.execution_id)

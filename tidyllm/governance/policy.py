@@ -8,6 +8,9 @@ glob patterns allowed). An applying rule then constrains the route:
 - ``deny_routes``: the route must match none of these globs;
 - ``require_tags``: the route's tags must include these (e.g. ``{on_prem: "true"}``).
 
+Department and user patterns are normalised like every call's names (case, whitespace; see
+:func:`tidyllm.governance.identity.normalize_name`), so ``departments: [Risk]`` matches ``risk``.
+
 Separately a route's own ``sensitivity`` list (from the gateway config) names the classes it
 may carry. The first violated rule refuses the call with :class:`~tidyllm.RouteNotAuthorizedError`
 naming it. Example::
@@ -28,6 +31,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from tidyllm.errors import ConfigurationError
+from tidyllm.governance.identity import normalize_name
 
 if TYPE_CHECKING:
     from tidyllm.governance.context import CallContext
@@ -90,6 +94,10 @@ def _strings(rule: str, key: str, value: Any) -> tuple[str, ...]:
     raise ConfigurationError(f"authorization rule {rule!r}: {key} must be a list of strings")
 
 
+def _names(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(normalize_name(p) for p in patterns)
+
+
 class AuthorizationPolicy:
     """The configured rules, evaluated per call and route."""
 
@@ -106,8 +114,9 @@ class AuthorizationPolicy:
             tags = raw.get("require_tags") or {}
             if not isinstance(tags, Mapping):
                 raise ConfigurationError(f"authorization rule {name!r}: require_tags must be a mapping")
-            rule = Rule(name=str(name), departments=_strings(name, "departments", raw.get("departments")),
-                        users=_strings(name, "users", raw.get("users")),
+            rule = Rule(name=str(name),
+                        departments=_names(_strings(name, "departments", raw.get("departments"))),
+                        users=_names(_strings(name, "users", raw.get("users"))),
                         sensitivity=_strings(name, "sensitivity", raw.get("sensitivity")),
                         routes=_strings(name, "routes", raw.get("routes")),
                         deny_routes=_strings(name, "deny_routes", raw.get("deny_routes")),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import sqlalchemy as sa
 
 from tidyllm.errors import ConfigurationError
+from tidyllm.governance.identity import normalize_name
 from tidyllm.mart.schema import rate_events
 from tidyllm.mart.store import as_utc
 
@@ -58,7 +59,11 @@ class RateLimiter:
                 values[key] = value
             if not values["rpm"] and not values["tpm"]:
                 raise ConfigurationError(f"rate_limits #{i + 1}: give rpm and/or tpm")
-            self.limits.append(RateLimit(scope, str(name), values["rpm"], values["tpm"]))
+            # user and department names are matched normalised, as every call's are
+            name = str(name)
+            if scope != "route" and name != "*":
+                name = normalize_name(name)
+            self.limits.append(RateLimit(scope, name, values["rpm"], values["tpm"]))
         self._next_prune = 0.0
 
     def check_and_record(self, tx: "Tx", ctx: "CallContext", route: str | None, tokens: int,

@@ -1,6 +1,9 @@
 """IPython magics: governed LLM calls in a notebook, and the budgets, routes and audit trail behind them.
 
-``%load_ext tidyllm`` (or ``c.InteractiveShellApp.extensions = ["tidyllm"]``) registers:
+``%load_ext tidyllm`` (or ``c.InteractiveShellApp.extensions = ["tidyllm"]``) installs the platform
+(from ``c.LLMMagics.settings_file`` / ``tidyllm.yaml`` / ``TIDYLLM_*``), so every LiteLLM call in the
+notebook is governed from the first cell — with the notebook's identity: ``%llm_config``'s user and
+department, and the session user (``$JUPYTERHUB_USER``, else the OS account) — and registers:
 
 - ``%%llm [options]`` — the cell is the prompt, sent through tidyllm's governed path (budgets,
   authorisation, audit, the learning router); the answer renders as markdown, text, code, json or
@@ -26,8 +29,20 @@ __all__ = ["LLMMagics", "LLMResult", "Receipt", "load_ipython_extension", "unloa
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """Register :class:`LLMMagics` with ``ipython`` (configured from ``c.LLMMagics.*``)."""
-    ipython.register_magics(LLMMagics(shell=ipython))
+    """Register :class:`LLMMagics` with ``ipython`` (configured from ``c.LLMMagics.*``) and install the
+    platform with the notebook's identity. A platform that cannot be installed is reported on one line
+    (the magics stay, so ``%llm_config config=...`` can fix it); LiteLLM calls are not governed until it is."""
+    import sys
+
+    from IPython.core.error import UsageError
+
+    magics = LLMMagics(shell=ipython)
+    ipython.register_magics(magics)
+    try:
+        magics.platform()
+    except UsageError as exc:
+        print(f"tidyllm: {exc}; LiteLLM calls in this notebook are NOT governed until it is installed "
+              "(fix the settings, then run %%llm or %llm_budget)", file=sys.stderr)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
@@ -38,6 +53,7 @@ def unload_ipython_extension(ipython: Any) -> None:
         for name in names:
             manager.magics[kind].pop(name, None)
     if instance is not None:
+        instance.forget_identity()
         instance.close()
         if instance in getattr(ipython, "configurables", []):
             ipython.configurables.remove(instance)

@@ -90,6 +90,33 @@ class LLMMagics(Magics):
     def _platform_changed(self, change: Any) -> None:
         self._reinstall = True
 
+    @observe(*_CONTEXT)
+    def _context_changed(self, change: Any) -> None:
+        from tidyllm.platform import current
+
+        if self.shell is None:
+            return  # %llm_config's validation probe, not the notebook's magics
+        installed = current()
+        if installed is not None and not self._reinstall:
+            self._identify(installed)
+
+    def _identify(self, platform: "Platform") -> None:
+        """Make the notebook's identity every LiteLLM call's (``%%ai``, any library built on LiteLLM, plain
+        ``litellm`` calls): the session user and the ``%llm_config`` context."""
+        from tidyllm.governance.identity import session_identity
+
+        platform.identity.set_session(session_identity())
+        platform.identity.declare({key: getattr(self, trait) for trait, key in _CONTEXT.items()})
+
+    def forget_identity(self) -> None:
+        """Take the notebook's identity off the installed platform (``%unload_ext tidyllm``)."""
+        from tidyllm.platform import current
+
+        installed = current()
+        if installed is not None:
+            installed.identity.set_session(None)
+            installed.identity.declare({})
+
     # --- the platform -----------------------------------------------------------------------------------
 
     def platform(self) -> "Platform":
@@ -101,6 +128,7 @@ class LLMMagics(Magics):
 
         installed = current()
         if installed is not None and not self._reinstall:
+            self._identify(installed)
             return installed
         overrides = {name: getattr(self, name) for name in _PLATFORM_TRAITS[1:] if getattr(self, name) is not None}
         base: Any = self.settings_file
@@ -111,6 +139,7 @@ class LLMMagics(Magics):
         except TidyLLMError as exc:
             raise UsageError(f"cannot install tidyllm: {exc}") from None
         self._reinstall = False
+        self._identify(platform)
         return platform
 
     def _watch(self, platform: "Platform") -> _call.SettleWatch:
@@ -297,6 +326,10 @@ class LLMMagics(Magics):
         else:
             pending = " (re-installs on the next call)" if self._reinstall else ""
             lines.append(f"platform: {installed!r}{pending}")
+            session = installed.identity.session
+            if session is not None:
+                lines.append(f"identity: {installed.identity.mode}; notebook user {session.user_id!r} "
+                             f"({session.source})")
         print("\n".join(lines))
 
     # --- %llm_budget -------------------------------------------------------------------------------------
@@ -313,8 +346,10 @@ class LLMMagics(Magics):
         status = platform.budgets.status()
         if args.department or args.user:
             from tidyllm.governance.context import CallContext
+            from tidyllm.governance.identity import normalize_name
 
-            ctx = CallContext(user_id=args.user, department=args.department)
+            ctx = CallContext(user_id=normalize_name(args.user) if args.user else None,
+                              department=normalize_name(args.department) if args.department else None)
             keep = {(b["scope"], b["name"], b["period"])
                     for b in platform.budgets.applicable(status.to_dict("records"), ctx, None, None)}
             status = status[[(s, n, p) in keep for s, n, p in zip(status["scope"], status["name"], status["period"])]]
@@ -344,7 +379,10 @@ class LLMMagics(Magics):
 
     def _route_contexts(self, platform: "Platform", args: Any) -> list[dict[str, Any]]:
         if args.department or args.use_case:
-            return [{k: v for k, v in (("department", args.department), ("use_case", args.use_case)) if v}]
+            from tidyllm.governance.identity import normalize_name
+
+            department = normalize_name(args.department) if args.department else None
+            return [{k: v for k, v in (("department", department), ("use_case", args.use_case)) if v}]
         # the contexts calls came from (newest first) and the notebook's own
         calls = platform.mart.frame("llm_calls", columns=["department", "use_case"], order_by="-started_at",
                                     limit=2000)
@@ -372,7 +410,9 @@ class LLMMagics(Magics):
         platform = self.platform()
         if args.verify:
             print(platform.audit.verify())
-        filters = {k: v for k, v in (("user_id", args.user), ("department", args.department)) if v}
+        from tidyllm.governance.identity import normalize_name
+
+        filters = {k: normalize_name(v) for k, v in (("user_id", args.user), ("department", args.department)) if v}
         frame = platform.audit.frame(limit=args.n, **filters)
         columns = ["seq", "recorded_at", "call_id", "user_id", "department", "audit_reason", "use_case",
                    "requested_model", "route", "decision", "rule", "status", "prompt_tokens", "completion_tokens",
