@@ -127,7 +127,7 @@ def test_declared_mode_sources_in_order(tmp_path: Path) -> None:
 
 
 def _old_mart(url: str, names: list[tuple[str, str]]) -> None:
-    """A mart stamped at revision 0002 holding budgets named as older tidyllm stored them."""
+    """A mart stamped at revision 0003 (before 0004_identity) holding budgets named as older tidyllm stored them."""
     from tidyllm.mart import TidyMart
 
     mart = TidyMart(url)
@@ -136,7 +136,7 @@ def _old_mart(url: str, names: list[tuple[str, str]]) -> None:
             conn.execute(sa.text("INSERT INTO budgets (id, scope, name, period, limit_usd, created_at, updated_at) "
                                  "VALUES (:id, :scope, :name, 'month', 5.0, :now, :now)"),
                          {"id": f"b{i}", "scope": scope, "name": name, "now": "2026-12-01 00:00:00"})
-        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0002'"))
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0003'"))
     mart.close()
 
 
@@ -158,8 +158,8 @@ def test_migration_stops_on_budgets_that_become_one(db_url: str) -> None:
     with pytest.raises(StorageError, match="budgets 'Risk' and 'risk' are the same department"):
         TidyMart(db_url)
     engine = sa.create_engine(db_url)
-    with engine.connect() as conn:  # nothing half-written: still 0002, both budgets as they were
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+    with engine.connect() as conn:  # nothing half-written: still 0003, both budgets as they were
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0003"
         assert sorted(r[0] for r in conn.execute(sa.text("SELECT name FROM budgets"))) == ["Risk", "risk"]
     engine.dispose()
 

@@ -356,7 +356,7 @@ def _names(value: Any, key: str, origin: str) -> Any:
     normalised as every call's are (:func:`tidyllm.governance.identity.normalize_name`)."""
     if not (key.endswith("_by_department") or key == "governance.user_departments"):
         return value
-    from tidyllm.governance.identity import normalize_name
+    from tidyllm.governance.names import normalize_name
 
     out: dict[str, Any] = {}
     for name, item in value.items():

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from tidyllm.errors import ConfigurationError
-from tidyllm.governance.identity import normalize_name
+from tidyllm.governance.names import normalize_name
 from tidyllm.mart.fastsql import Tx, json_value
 from tidyllm.mart.schema import budget_events, budget_windows, budgets, lease_owners, reservations
 from tidyllm.mart.store import as_utc, utcnow

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from tidyllm.governance.identity import normalize_name
+from tidyllm.governance.names import normalize_name
 
 __all__ = ["CallContext", "CONTEXT_KEYS", "STAMP_KEY"]
 

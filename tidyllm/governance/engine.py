@@ -131,6 +131,8 @@ class Governor:
                                             default_max_tokens=settings.default_max_tokens)
         #: caller-chosen call ids seen by this process (a reused one is refused: calls never merge)
         self._names: "OrderedDict[str, None]" = OrderedDict()
+        #: who is calling: identity sources, tokens, required context (tidyllm.governance.identity)
+        self.identity = identity or IdentityResolver.from_settings(settings, defaults, budgets.has_department_budgets)
 
     @property
     def tokens(self) -> TokenCounter:
@@ -155,8 +157,6 @@ class Governor:
 
     def _count_text(self, route: str, text: str) -> int:
         return self.tokens.count(route, text=text)
-        #: who is calling: identity sources, tokens, required context (tidyllm.governance.identity)
-        self.identity = identity or IdentityResolver.from_settings(settings, defaults, budgets.has_department_budgets)
 
     # --- context ------------------------------------------------------------------------------
 
@@ -476,7 +476,7 @@ class Governor:
                         call_type: str, messages: Any, call_id: str | None = None,
                         forged: tuple[str, ...] = ()) -> None:
         """Audit a call refused for malformed metadata (best-effort context) and raise ``error``."""
-        from tidyllm.governance.identity import normalize_name
+        from tidyllm.governance.names import normalize_name
 
         md = metadata if isinstance(metadata, Mapping) else {}
         ctx = CallContext(**{k: (md.get(k) if isinstance(md.get(k), str) else None)
@@ -882,7 +882,7 @@ class Governor:
             ctx = self.context(md)
         except GovernanceError:
             # the call happened all the same: record it under the identity it declared
-            from tidyllm.governance.identity import normalize_name
+            from tidyllm.governance.names import normalize_name
 
             ctx = CallContext(**{k: (normalize_name(md[k]) or None) if isinstance(md.get(k), str) else None
                                  for k in ("user_id", "department")}, identity_source="declared")

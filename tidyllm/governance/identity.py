@@ -39,12 +39,12 @@ import contextvars
 import logging
 import os
 import time
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from tidyllm.errors import ConfigurationError
+from tidyllm.governance.names import normalize_name
 
 if TYPE_CHECKING:
     from tidyllm.governance.context import CallContext
@@ -62,17 +62,6 @@ TOKEN_KEY = "tidyllm_token"
 MODES = ("declared", "verified")
 #: context keys ``governance.require`` may list
 REQUIRABLE = ("department", "user_id", "audit_reason", "use_case", "data_sensitivity")
-
-
-def normalize_name(value: str) -> str:
-    """The canonical form of a user or department name: Unicode NFKC, invisible format and control
-    characters dropped, surrounding whitespace removed, inner runs of whitespace collapsed to one
-    space, case folded. ``"  Risk\u00a0 Management "`` and ``"risk management"`` are the same
-    department; ``"risk-management"`` is another one."""
-    if not (value.isascii() and value.isprintable()):
-        value = "".join(" " if ch.isspace() else ch for ch in unicodedata.normalize("NFKC", value)
-                        if ch.isspace() or unicodedata.category(ch) not in ("Cf", "Cc"))
-    return " ".join(value.split()).casefold()
 
 
 def _optional_name(value: str | None) -> str | None:

@@ -31,7 +31,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from tidyllm.errors import ConfigurationError
-from tidyllm.governance.identity import normalize_name
+from tidyllm.governance.names import normalize_name
 
 if TYPE_CHECKING:
     from tidyllm.governance.context import CallContext

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import sqlalchemy as sa
 
 from tidyllm.errors import ConfigurationError
-from tidyllm.governance.identity import normalize_name
+from tidyllm.governance.names import normalize_name
 from tidyllm.mart.schema import rate_events
 from tidyllm.mart.store import as_utc
 

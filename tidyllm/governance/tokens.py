@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tidyllm.errors import ConfigurationError, TokenError
-from tidyllm.governance.identity import normalize_name
+from tidyllm.governance.names import normalize_name
 
 __all__ = ["TokenKey", "TokenClaims", "parse_ttl"]
 

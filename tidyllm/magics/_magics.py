@@ -346,7 +346,7 @@ class LLMMagics(Magics):
         status = platform.budgets.status()
         if args.department or args.user:
             from tidyllm.governance.context import CallContext
-            from tidyllm.governance.identity import normalize_name
+            from tidyllm.governance.names import normalize_name
 
             ctx = CallContext(user_id=normalize_name(args.user) if args.user else None,
                               department=normalize_name(args.department) if args.department else None)
@@ -379,7 +379,7 @@ class LLMMagics(Magics):
 
     def _route_contexts(self, platform: "Platform", args: Any) -> list[dict[str, Any]]:
         if args.department or args.use_case:
-            from tidyllm.governance.identity import normalize_name
+            from tidyllm.governance.names import normalize_name
 
             department = normalize_name(args.department) if args.department else None
             return [{k: v for k, v in (("department", department), ("use_case", args.use_case)) if v}]
@@ -410,7 +410,7 @@ class LLMMagics(Magics):
         platform = self.platform()
         if args.verify:
             print(platform.audit.verify())
-        from tidyllm.governance.identity import normalize_name
+        from tidyllm.governance.names import normalize_name
 
         filters = {k: normalize_name(v) for k, v in (("user_id", args.user), ("department", args.department)) if v}
         frame = platform.audit.frame(limit=args.n, **filters)

@@ -14,7 +14,7 @@ from alembic import op
 import sqlalchemy as sa
 
 from tidyllm.errors import StorageError
-from tidyllm.governance.identity import normalize_name
+from tidyllm.governance.names import normalize_name
 
 revision = "0004"
 down_revision = "0003"
