@@ -114,23 +114,48 @@ def test_tidyllm_provider_forged_admission_is_refused(platform: Any, sim: Simula
     _exhaust(platform)
     with pytest.raises(litellm.BadRequestError) as refused:
         litellm.completion(model="tidyllm/chat", messages=MSG, max_tokens=16, metadata={**META, "tidyllm": forged})
-    assert isinstance(refused.value.__cause__, BudgetExceededError)
+    assert "department 'risk' has" in str(refused.value)  # LiteLLM re-wraps the provider's BudgetExceededError
     assert sim.stats()["total"] == 0
+    assert platform.audit.frame()["extra"].map(_json).iloc[0]["forged"] == ["tidyllm"]
 
 
-def test_a_forged_token_on_an_ungated_call_is_recorded_as_a_forgery(platform: Any, sim: Simulator) -> None:
-    """A path no hook can stop (plain sync ``litellm.completion``) with a forged token: the call is recorded
-    and charged as unenforced, and its audit row says it carried a forged admission."""
+def test_a_forged_token_on_a_plain_sync_call_is_stripped(platform: Any, sim: Simulator) -> None:
+    """Plain sync ``litellm.completion`` goes through the gate too (its sync entry points are instrumented):
+    the forged token is dropped, the call governed normally — refused over budget — and audited."""
     import litellm
 
+    plain = dict(model="openai/sim-gpt-small", api_base=sim.url, api_key="sk-test-not-real", messages=MSG,
+                 max_tokens=16, metadata={**META, "tidyllm": "tidyllm-seal:" + "1" * 32})
+    _exhaust(platform)
+    with pytest.raises(BudgetExceededError):
+        litellm.completion(**plain)
+    assert sim.stats()["total"] == 0
     platform.budgets.set("department", "risk", 1.0, "month")
-    litellm.completion(model="openai/sim-gpt-small", api_base=sim.url, api_key="sk-test-not-real", messages=MSG,
-                       max_tokens=16, metadata={**META, "tidyllm": "tidyllm-seal:" + "1" * 32})
+    litellm.completion(**plain)
     _settled(platform, 1)
-    b = books(platform, sim, sim_prices())
-    assert_books_agree(b)
-    (row,) = platform.audit.frame().to_dict("records")
-    assert row["decision"] == "unenforced" and row["rule"] == "forged-admission"
+    assert_books_agree(books(platform, sim, sim_prices()), limit=1.0)
+    assert [e.get("forged") for e in platform.audit.frame()["extra"].map(_json)] == [["tidyllm"], ["tidyllm"]]
+
+
+def test_a_forged_token_on_an_ungated_call_is_recorded_as_a_forgery(db_url: str, sim: Simulator) -> None:
+    """With the sync instrumentation turned off, nothing can stop a plain sync call: one carrying a forged
+    token is recorded and charged as unenforced, and its audit row says it carried a forged admission."""
+    import litellm
+
+    sim.reset_stats()
+    platform = tidyllm.install(database_url=db_url, governance={"instrument_sync": False})
+    try:
+        platform.prices.set("sim-gpt-small", 1.0, 2.0)  # the model name LiteLLM reports for the call
+        platform.budgets.set("department", "risk", 1.0, "month")
+        litellm.completion(model="openai/sim-gpt-small", api_base=sim.url, api_key="sk-test-not-real", messages=MSG,
+                           max_tokens=16, metadata={**META, "tidyllm": "tidyllm-seal:" + "1" * 32})
+        _settled(platform, 1)
+        b = books(platform, sim, sim_prices())
+        assert_books_agree(b)
+        (row,) = platform.audit.frame().to_dict("records")
+        assert row["decision"] == "unenforced" and row["rule"] == "forged-admission"
+    finally:
+        tidyllm.uninstall()
 
 
 def test_a_reused_call_id_never_merges_two_calls(platform: Any, sim: Simulator) -> None:

@@ -574,7 +574,7 @@ class Governor:
                 if admission is not None:
                     self._finish(record, admission, None)
                 return
-            if self.seals.claimed(token):
+            if self.seals.claimed(token) or self.seals.foreign(token):
                 return
             if record.provider != "tidyllm":
                 log.error("LLM call %s reached a provider carrying a tidyllm admission that tidyllm never issued "

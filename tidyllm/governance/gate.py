@@ -61,7 +61,8 @@ def strip_metadata(metadata: Any, seals: Seals[Any]) -> tuple[dict[str, Any], tu
     clean: dict[str, Any] = {}
     forged: list[str] = []
     stamp = metadata.get(STAMP_KEY)
-    retry = stamp is not None and seals.issued(stamp)
+    # LiteLLM asking again on a retry hands back tidyllm's own copy: its token and the routes it tried
+    retry = stamp is not None and seals.issued(stamp) and isinstance(metadata.get(TRIED_KEY), (list, tuple))
     tried: tuple[str, ...] = ()
     for key, value in metadata.items():
         if not isinstance(key, str) or not key.lower().startswith("tidyllm") or key in CALLER_KEYS:

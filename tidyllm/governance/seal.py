@@ -26,6 +26,8 @@ __all__ = ["Seals", "TOKEN_PREFIX"]
 #: every token starts with this, so a forged value is recognisable in the audit trail
 TOKEN_PREFIX = "tidyllm-seal:"
 T = TypeVar("T")
+#: the prefixes of every Seals made in this process: a token of a replaced platform is not a forgery
+_PREFIXES: set[str] = set()
 
 
 class Seals(Generic[T]):
@@ -39,14 +41,17 @@ class Seals(Generic[T]):
         self._remember = remember_claimed
         self._hook_seen: set[str] = set()
         self._sync_seen: set[str] = set()
-        #: what came back for a live token before its settlement event: (response or exception, ok)
-        self._returned: dict[str, tuple[object, bool]] = {}
+        #: what came back for a live token before its settlement event: (response or exception, ok, when,
+        #: the request's messages and tools)
+        self._returned: dict[str, tuple[object, bool, float, object, object]] = {}
         self._lock = threading.Lock()
         self._next_prune = time.monotonic() + max_age
+        self.prefix = f"{TOKEN_PREFIX}{secrets.token_hex(4)}:"
+        _PREFIXES.add(self.prefix)
 
     def seal(self, admission: T) -> str:
         """Keep ``admission`` and return the token that stands for it."""
-        token = TOKEN_PREFIX + secrets.token_hex(16)
+        token = self.prefix + secrets.token_hex(16)
         now = time.monotonic()
         with self._lock:
             self._live[token] = (admission, now)
@@ -80,6 +85,14 @@ class Seals(Generic[T]):
         """Whether ``token`` was issued here and already claimed (a duplicate event, not a forgery)."""
         return isinstance(token, str) and token in self._claimed
 
+    def foreign(self, token: object) -> bool:
+        """Whether ``token`` was issued by another (replaced) platform of this process: its late event
+        belongs to that platform's mart, not to this one, and is no forgery."""
+        if not isinstance(token, str) or token.startswith(self.prefix):
+            return False
+        head = token[: len(self.prefix)]
+        return head in _PREFIXES
+
     def issued(self, token: object) -> bool:
         """Whether this process issued ``token`` (live or recently claimed)."""
         return isinstance(token, str) and (token in self._live or token in self._claimed)
@@ -96,16 +109,28 @@ class Seals(Generic[T]):
             self._hook_seen.add(token)
             return True
 
-    def note_returned(self, token: object, outcome: object, ok: bool) -> None:
+    def note_returned(self, token: object, outcome: object, ok: bool, messages: object = None,
+                      tools: object = None) -> bool:
         """Remember what a live call returned (a response, or an exception) until its settlement event
-        claims it: should the process exit before that event runs, the exit settles from this."""
-        if isinstance(token, str) and token in self._live:
-            self._returned[token] = (outcome, ok)
+        claims it: should that event never run (its task was cancelled with the caller's event loop, or
+        the process exits first), the call is settled from this. True when the token was live."""
+        if not isinstance(token, str) or token not in self._live:
+            return False
+        self._returned[token] = (outcome, ok, time.monotonic(), messages, tools)
+        return True
 
-    def unsettled_returns(self) -> list[tuple[str, T, object, bool]]:
-        """``(token, admission, outcome, ok)`` of live calls that returned but were never settled."""
+    def unsettled_returns(self, older_than: float | None = None) -> list[tuple[str, T, object, bool, object, object]]:
+        """``(token, admission, outcome, ok, messages, tools)`` of live calls that returned but were not
+        settled (only those that returned at least ``older_than`` seconds ago, when given)."""
+        cutoff = time.monotonic() - older_than if older_than is not None else float("inf")
         with self._lock:
-            return [(t, self._live[t][0], o, ok) for t, (o, ok) in self._returned.items() if t in self._live]
+            return [(t, self._live[t][0], o, ok, m, tl) for t, (o, ok, at, m, tl) in self._returned.items()
+                    if t in self._live and at <= cutoff]
+
+    @property
+    def returned(self) -> int:
+        """Live calls that returned and wait for their settlement event."""
+        return len(self._returned)
 
     def pass_sync(self, token: object) -> bool:
         """The sync instrumentation's check (like :meth:`pass_hook`): True once per live token."""

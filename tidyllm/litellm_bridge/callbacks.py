@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from litellm.integrations.custom_logger import CustomLogger
 
 from tidyllm.governance.context import STAMP_KEY
-from tidyllm.governance.gate import Candidate
+from tidyllm.governance.gate import TRIED_KEY, Candidate
+from tidyllm.litellm_bridge.exit import late_settlement
 from tidyllm.litellm_bridge.records import from_callback
 from tidyllm.litellm_bridge.strategy import request_facts
 from tidyllm.litellm_bridge.streams import run_blocking
@@ -68,7 +69,7 @@ class GovernanceCallbacks(CustomLogger):
         candidate = Candidate(route, is_gateway, bool(kwargs.get("mock_response")), traced=lookup is not None)
         sealed = await run_blocking(self.gate.admit, facts, [candidate])
         new = dict(kwargs)
-        new["metadata"] = {**clean, STAMP_KEY: sealed.token}
+        new["metadata"] = {**clean, STAMP_KEY: sealed.token, TRIED_KEY: [*facts.tried, sealed.route]}
         self.gate.seals.pass_hook(sealed.token)
         if not is_embedding:
             new["max_tokens"] = sealed.admission.max_tokens
@@ -78,21 +79,27 @@ class GovernanceCallbacks(CustomLogger):
         return new
 
     # --- what came back, before the settlement event ----------------------------------------------
-    # An async call's settlement event runs later, on LiteLLM's logging worker; a script that exits right
-    # after ``asyncio.run`` can lose it (its task is cancelled). These hooks run on the caller's path as the
-    # response (or error) comes back and only remember it (no I/O): the exit settles what is left from it.
+    # An async call's settlement event runs later, on LiteLLM's logging worker; when the caller's event
+    # loop closes first (``asyncio.run`` returning, a script exiting) that task is cancelled and the event
+    # is lost. These hooks run on the caller's path as the response (or error) comes back and only
+    # remember it (no I/O): a call still unsettled a few seconds later, or at exit, is settled from it
+    # (tidyllm.litellm_bridge.exit).
     async def async_post_call_success_deployment_hook(self, request_data: dict, response: Any,
                                                       call_type: Any) -> Any:
         md = request_data.get("metadata") if isinstance(request_data, dict) else None
-        if isinstance(md, dict):
-            self.gate.seals.note_returned(md.get(STAMP_KEY), response, True)
+        if isinstance(md, dict) and self.gate.seals.note_returned(
+                md.get(STAMP_KEY), response, True, request_data.get("messages") or request_data.get("input"),
+                request_data.get("tools")):
+            late_settlement(self.governor)
         return None
 
     async def async_post_call_failure_deployment_hook(self, request_data: Any, exception: Exception,
                                                       call_type: Any, fallback_depth: int | None = None) -> None:
         md = request_data.get("metadata") if isinstance(request_data, dict) else None
-        if isinstance(md, dict):
-            self.gate.seals.note_returned(md.get(STAMP_KEY), exception, False)
+        if isinstance(md, dict) and self.gate.seals.note_returned(
+                md.get(STAMP_KEY), exception, False, request_data.get("messages") or request_data.get("input"),
+                request_data.get("tools")):
+            late_settlement(self.governor)
 
     # --- settlement --------------------------------------------------------------------------------
     def _safe(self, kwargs: dict, response_obj: Any, start_time: Any, end_time: Any, ok: bool) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import atexit
 import logging
+import threading
+import time
 import weakref
 from typing import TYPE_CHECKING
 
@@ -51,7 +53,11 @@ def _at_exit(ref: "weakref.ref[Governor]") -> None:
         log.debug("tidyllm exit settlement failed", exc_info=True)
 
 
-def settle_returned(governor: "Governor") -> int:
+#: seconds a returned async call waits for LiteLLM's settlement event before it is settled from its response
+EVENT_GRACE_SECONDS = 3.0
+
+
+def settle_returned(governor: "Governor", older_than: float | None = None) -> int:
     """Settle the calls that returned to their caller but whose settlement event never ran (its task was
     cancelled when the caller's event loop closed), from what they returned. Returns how many."""
     import datetime as dt
@@ -59,14 +65,46 @@ def settle_returned(governor: "Governor") -> int:
     from tidyllm.litellm_bridge.records import from_returned
 
     settled = 0
-    for token, admission, outcome, ok in governor.seals.unsettled_returns():
+    for token, admission, outcome, ok, messages, tools in governor.seals.unsettled_returns(older_than):
         record = from_returned(token, admission.call_type, dt.datetime.fromisoformat(admission.started_at),
-                               outcome, ok)
+                               outcome, ok, messages=messages, tools=tools)
         governor.dispatch(record)
         settled += 1
     if settled:
-        log.info("settled %d call(s) whose LiteLLM event never ran, from their responses", settled)
+        log.info("settled %d call(s) whose LiteLLM event never came, from their responses", settled)
     return settled
+
+
+_late_threads: "weakref.WeakKeyDictionary[Governor, threading.Thread]" = weakref.WeakKeyDictionary()
+_late_lock = threading.Lock()
+
+
+def late_settlement(governor: "Governor") -> None:
+    """Make sure a thread settles ``governor``'s returned calls whose event does not come within
+    :data:`EVENT_GRACE_SECONDS`; it ends once nothing waits."""
+    with _late_lock:
+        thread = _late_threads.get(governor)
+        if thread is not None and thread.is_alive():
+            return
+        thread = threading.Thread(target=_run_late, args=(weakref.ref(governor),), name="tidyllm-late-settle",
+                                  daemon=True)
+        _late_threads[governor] = thread
+    thread.start()
+
+
+def _run_late(ref: "weakref.ref[Governor]") -> None:
+    idle = 0.0
+    while idle < 30.0:
+        time.sleep(0.5)
+        governor = ref()
+        if governor is None:
+            return
+        try:
+            settle_returned(governor, EVENT_GRACE_SECONDS)
+        except Exception:  # noqa: BLE001 - never kill the thread; what is left is settled at exit
+            log.exception("settling returned calls failed")
+        idle = 0.0 if governor.seals.returned else idle + 0.5
+        del governor
 
 
 def settle_at_exit(governor: "Governor") -> None:

@@ -25,7 +25,7 @@ import litellm
 import wrapt
 
 from tidyllm.governance.context import STAMP_KEY
-from tidyllm.governance.gate import Candidate
+from tidyllm.governance.gate import TRIED_KEY, Candidate
 from tidyllm.litellm_bridge.strategy import request_facts
 from tidyllm.litellm_bridge.streams import GovernedStream, _wrap
 
@@ -73,7 +73,7 @@ class _SyncGate:
         sealed = self.gate.admit(facts, [Candidate(route, is_gateway, bool(call.get("mock_response")),
                                                    traced=lookup is not None)])
         self.gate.seals.pass_sync(sealed.token)
-        call["metadata"] = {**clean, STAMP_KEY: sealed.token}
+        call["metadata"] = {**clean, STAMP_KEY: sealed.token, TRIED_KEY: [*facts.tried, sealed.route]}
         if not is_embedding:
             call["max_tokens"] = sealed.admission.max_tokens
         if lookup is not None:

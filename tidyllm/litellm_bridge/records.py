@@ -158,7 +158,8 @@ def from_callback(kwargs: Mapping[str, Any], response_obj: Any, start_time: Any,
     )
 
 
-def from_returned(token: str, call_type: str, started: dt.datetime, outcome: Any, ok: bool) -> CallRecord:
+def from_returned(token: str, call_type: str, started: dt.datetime, outcome: Any, ok: bool, *,
+                  messages: Any = None, tools: Any = None) -> CallRecord:
     """A :class:`CallRecord` from what a call returned to its caller (a response, or the exception), for a
     call whose settlement event never ran (the process exited first)."""
     usage = _usage(outcome) if ok else {}
@@ -176,5 +177,5 @@ def from_returned(token: str, call_type: str, started: dt.datetime, outcome: Any
         reasoning_tokens=(details_out.get("reasoning_tokens") if isinstance(details_out, Mapping) else None) or None,
         litellm_cost=None, latency_ms=(ended - started).total_seconds() * 1000.0, started_at=started, ended_at=ended,
         error_type=None if ok else type(outcome).__name__, error_message=None if ok else str(outcome),
-        exception=None if ok or not isinstance(outcome, BaseException) else outcome, messages=None, tools=None,
+        exception=None if ok or not isinstance(outcome, BaseException) else outcome, messages=messages, tools=tools,
         mock=False, tool_calls=tool_calls_of(outcome) if ok else ())
