@@ -91,18 +91,20 @@ def test_a_busy_caller_is_admitted_from_credit_and_every_call_is_written(
     rows = _burst(platform, router, "busy", 40)
     names = [r["id"] for r in rows]
 
-    # one block of 32 worst cases pays for 32 calls: 40 calls took the first call's lease, two blocks,
-    # and no write transaction at all on the caller's thread for the other 37
+    # one block of 32 worst cases pays for up to 32 calls: 40 calls took the first call's lease and two or
+    # three blocks (the worst case shrinks or grows as the route's estimate learns from the provider's
+    # counts), and no write transaction at all on the caller's thread for the others
     reservations = _reservations(platform)
     blocks = reservations[reservations["call_id"].str.startswith(CREDIT_PREFIX)]
-    assert len(blocks) == 2 and len(reservations) == 3
-    assert writes.count == 3
+    assert len(blocks) in (2, 3) and len(reservations) == 1 + len(blocks)
+    # (+1 when a block ran short as the worst case grew: its leftover goes back before the next grant)
+    assert 1 + len(blocks) <= writes.count <= 2 + len(blocks)
     assert all(r["status"] == "success" for r in rows)
     is_postgres = platform.mart.store.dialect == "postgresql"
     # (the first few may come before the first call created the audit chain's head: the general transaction)
     assert (len(one_statement), all(one_statement[-30:])) == ((39, True) if is_postgres else (0, True))
-    worst = rows[-1]["reserved_usd"]
-    assert worst > 0 and all(r["reserved_usd"] == pytest.approx(worst) for r in rows)
+    worst = max(r["reserved_usd"] for r in rows)
+    assert worst > 0 and all(r["cost_usd"] <= r["reserved_usd"] for r in rows)
     assert blocks["amount_usd"].max() <= 32 * worst + 1e-12  # what is left of each block
 
     # status() shows this process's unused credit as not reserved; open_reservations() gives it back

@@ -558,20 +558,22 @@ class BudgetLedger:
     def credit_reduce(self, tx: Any, block_id: str, windows: Any, *, less: float, spent: float, close: bool,
                       now: dt.datetime) -> None:
         """An admission-credit block hands back ``less`` (shares of finished calls, unused credit) and
-        charges ``spent``; ``close`` settles it. A block whose lease expired already gave its amount
-        back: only the spend is added."""
+        charges ``spent``; ``close`` settles it. What a block still holds in its windows is its
+        ``amount_usd``, open or closed by its owner (a call written late, from the journal, still gives
+        its share back); a lease that was reclaimed gave its amount back already, so only the spend is
+        added — and for an ``unsettled`` one, which was charged the block's remainder, the call's share
+        comes off that charge."""
         tx = Tx.of(tx, self._store)
         row = tx.one("reservations.lock", _q_lock_reservation, rid=block_id)
         if row is None:
             return
-        state = row[2]
-        give_back = -less if state == "open" else 0.0
+        amount, state = row[0], row[2]
+        give = min(less, amount) if state in ("open", "settled") else 0.0
         if state == "unsettled":
-            # the reclaim charged the block's remainder (this call's share included): correct it
             spent -= less
-        if spent or give_back:
-            self._add(tx, windows, spent=spent, reserved=give_back)
-        tx.run("reservations.credit", _q_credit_reduce, rid=block_id, less=less if state == "open" else 0.0,
+        if spent or give:
+            self._add(tx, windows, spent=spent, reserved=-give)
+        tx.run("reservations.credit", _q_credit_reduce, rid=block_id, less=give,
                charged=spent, new_status="settled" if close and state == "open" else state,
                closed=now if close else None)
 

@@ -760,8 +760,8 @@ class Governor:
         block_id, less, charge, close = op["block_id"], op["less"], op["charge"], op["close"]
         call_row, audit_row = op["call_row"], op["audit_row"]
         windows = tuple(tuple(w) for w in op["windows"])
-        if self.mart.store.dialect == "postgresql" and self._record_credit_in_one_statement(
-                block_id, less, charge, close, call_row, audit_row):
+        if self.mart.store.dialect == "postgresql" and not op.get("replayed") and \
+                self._record_credit_in_one_statement(block_id, less, charge, close, call_row, audit_row):
             return True
         try:
             with self.mart.store.tx() as tx:
@@ -1132,18 +1132,20 @@ SELECT (SELECT count(*) FROM fin) = 1 OR EXISTS (SELECT 1 FROM audit_head WHERE 
 #: when the chain has no head: ``res`` is empty, and ``ins`` — on which the audit row depends — too.
 _PG_RECORD_CREDIT = """
 WITH res AS (
-    SELECT r.id, r.windows, r.status FROM reservations r
+    SELECT r.id, r.windows, r.status, LEAST(%(less)s, r.amount_usd) AS held FROM reservations r
     WHERE r.id = %(rid)s AND EXISTS (SELECT 1 FROM audit_head WHERE id = 1)
     FOR UPDATE
 ), {wlock}, win AS (
-    UPDATE budget_windows w SET spent_usd = w.spent_usd + %(charge)s,
-        reserved_usd = w.reserved_usd - CASE WHEN res.status = 'open' THEN %(less)s ELSE 0 END
+    UPDATE budget_windows w SET
+        spent_usd = w.spent_usd + %(charge)s - CASE WHEN res.status = 'unsettled' THEN %(less)s ELSE 0 END,
+        reserved_usd = w.reserved_usd - CASE WHEN res.status IN ('open', 'settled') THEN res.held ELSE 0 END
     FROM wlock, res WHERE w.budget_id = wlock.budget_id AND w.window_start = wlock.window_start
     RETURNING 1
 ), blk AS (
     UPDATE reservations r SET
-        amount_usd = r.amount_usd - CASE WHEN res.status = 'open' THEN %(less)s ELSE 0 END,
-        settled_usd = COALESCE(r.settled_usd, 0) + %(charge)s,
+        amount_usd = r.amount_usd - CASE WHEN res.status IN ('open', 'settled') THEN res.held ELSE 0 END,
+        settled_usd = COALESCE(r.settled_usd, 0) + %(charge)s
+            - CASE WHEN res.status = 'unsettled' THEN %(less)s ELSE 0 END,
         status = CASE WHEN res.status = 'open' AND %(close)s THEN 'settled' ELSE r.status END,
         closed_at = CASE WHEN %(close)s THEN %(c_ended_at)s ELSE r.closed_at END
     FROM res WHERE r.id = res.id
