@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from tidyllm.platform import Platform
 
-__all__ = ["Target", "resolve_target", "adhoc_router", "complete", "call_id_of", "SettleWatch", "settled_row",
+__all__ = ["Target", "resolve_target", "adhoc_router", "complete", "name_call", "SettleWatch", "settled_row",
            "receipt_for", "gateway_down", "explain", "health_frame", "preference_frame"]
 
 
@@ -97,7 +97,7 @@ def adhoc_router(platform: "Platform", model: str) -> Any:
 
 def complete(target: Target, *, messages: list[dict[str, str]], metadata: dict[str, Any], stream: bool,
              on_token: Callable[[str], None] | None, **params: Any) -> Any:
-    """Make the call (``metadata`` receives tidyllm's stamp); stream through ``on_token`` when asked.
+    """Make the call; stream through ``on_token`` when asked.
 
     Returns LiteLLM's response object (for a stream, the response rebuilt from its chunks)."""
     kwargs = {k: v for k, v in params.items() if v is not None}
@@ -115,12 +115,13 @@ def complete(target: Target, *, messages: list[dict[str, str]], metadata: dict[s
     return import_litellm().stream_chunk_builder(chunks, messages=messages)
 
 
-def call_id_of(metadata: Mapping[str, Any]) -> str:
-    """The tidyllm call id the governed Router stamped into the request's metadata."""
-    # imported here: tidyllm.governance.context pulls in litellm (seconds), and %load_ext must stay quick
-    from tidyllm.governance.context import STAMP_KEY
+def name_call(metadata: dict[str, Any]) -> str:
+    """Name the cell's call (``tidyllm_call_id``, a fresh id): tidyllm never writes into the caller's
+    metadata, so the magic chooses the id it will look its row up by."""
+    import uuid
 
-    return str(metadata[STAMP_KEY]["call_id"])
+    call_id = metadata["tidyllm_call_id"] = str(uuid.uuid4())
+    return call_id
 
 
 class SettleWatch:
@@ -143,15 +144,21 @@ class SettleWatch:
                 del self._done[next(iter(self._done))]
             self._cond.notify_all()
 
-    def wait(self, call_id: str, timeout: float) -> bool:
-        """Whether ``call_id`` was recorded within ``timeout`` seconds."""
+    def wait(self, call_id: str, timeout: float) -> str | None:
+        """The id ``call_id``'s last attempt was recorded under (``call_id``, or ``call_id#n`` for the
+        Router's n-th retry) once it is recorded within ``timeout`` seconds, else None."""
+        def last() -> str | None:
+            attempts = [c for c in self._done if c == call_id or c.startswith(call_id + "#")]
+            return max(attempts, key=lambda c: int(c.rpartition("#")[2]) if "#" in c else 0) if attempts else None
+
         with self._cond:
-            return self._cond.wait_for(lambda: call_id in self._done, timeout)
+            self._cond.wait_for(lambda: last() is not None, timeout)
+            return last()
 
 
 def settled_row(platform: "Platform", call_id: str, watch: SettleWatch, timeout: float) -> dict[str, Any]:
     """The call's ``llm_calls`` row once its settlement is written (or the pending row after ``timeout``)."""
-    watch.wait(call_id, timeout)
+    call_id = watch.wait(call_id, timeout) or call_id
     frame = platform.mart.frame("llm_calls", id=call_id)
     if frame.empty:
         raise UsageError(f"call {call_id} left no llm_calls row in {platform.mart.store.safe_url}")
@@ -162,6 +169,7 @@ def receipt_for(platform: "Platform", call_id: str, context: Mapping[str, Any], 
                 watch: SettleWatch, timeout: float) -> Receipt:
     """The receipt of a finished call, from the mart: its row and its tightest budget after settlement."""
     row = settled_row(platform, call_id, watch, timeout)
+    call_id = row["id"]
     ctx = platform.governor.context(dict(context))
     budget = platform.budgets.tightest(ctx, row["route"], requested_model)
 

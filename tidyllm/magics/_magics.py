@@ -230,7 +230,8 @@ class LLMMagics(Magics):
         system = args.system if args.system is not None else self.system
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         context = self._context(args)
-        metadata = dict(context)  # the Router stamps the admission into this dict
+        metadata = dict(context)
+        call_id = _call.name_call(metadata)
         show_receipt = self.receipt and not args.no_receipt
         stream_sink = self._stream_sink() if args.stream else None
         try:
@@ -246,7 +247,7 @@ class LLMMagics(Magics):
             if stream_sink is not None:
                 stream_sink.close()
         text = response.choices[0].message.content or ""
-        receipt = (_call.receipt_for(platform, _call.call_id_of(metadata), context, target.model, watch,
+        receipt = (_call.receipt_for(platform, call_id, context, target.model, watch,
                                      self.settle_timeout) if show_receipt else None)
         if args.output:
             self.shell.user_ns[args.output] = response
