@@ -87,7 +87,7 @@ def _run(cfg: dict, host: str, port: int | None, workers: int, key_cache_seconds
             click.echo(f"models: {', '.join(groups)}")
             click.echo("keys: `tidyllm keys create --user USER --department DEPT`; Ctrl-C to stop")
             sys.stdout.flush()
-            proc.wait()
+            proc.wait(echo=lambda line: click.echo(line))
             raise GatewayError(f"the LiteLLM proxy stopped answering; last lines of its log:\n{proc.log_tail()}")
         finally:
             proc.stop()

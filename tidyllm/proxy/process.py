@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from tidyllm.errors import GatewayError
 from tidyllm.gateway.processes import _check_port, _group_members, _signal_group, free_port
@@ -66,12 +66,33 @@ class ProxyProcess:
         """Whether the proxy answers its liveness probe."""
         return not self._stopped and self._popen.poll() is None and _alive(self.uri)
 
-    def wait(self, poll: float = 2.0) -> None:
-        """Block until the proxy stops answering (it died or was stopped elsewhere)."""
+    def wait(self, poll: float = 2.0, echo: Callable[[str], Any] | None = None) -> None:
+        """Block until the proxy stops answering (it died or was stopped elsewhere); ``echo`` gets each
+        new line of the proxy's log meanwhile."""
         misses = 0
+        offset = 0
         while misses < 3:
-            time.sleep(poll)
+            deadline = time.monotonic() + poll
+            while time.monotonic() < deadline:
+                if echo is not None:
+                    offset = self._echo(offset, echo)
+                time.sleep(0.2)
             misses = 0 if self.is_running() else misses + 1
+        if echo is not None:
+            self._echo(offset, echo)
+
+    def _echo(self, offset: int, echo: Callable[[str], Any]) -> int:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+        except OSError:
+            return offset
+        end = data.rfind(b"\n") + 1  # whole lines only
+        for line in data[:end].decode("utf-8", errors="replace").splitlines():
+            if '"GET /health/liveliness' not in line:  # our own probes
+                echo(line)
+        return offset + end
 
     def log_tail(self, lines: int = 20) -> str:
         """The last ``lines`` lines the proxy wrote."""

@@ -38,7 +38,8 @@ proxy_handler_instance = ProxyGovernance(platform, KeyStore(platform.mart, platf
                                                             cache_seconds=_cache_seconds()))
 _filter = RefusalLogFilter()
 for _name in ("LiteLLM", "LiteLLM Proxy", "LiteLLM Router", "LiteLLM Proxy.stdout"):
-    logging.getLogger(_name).addFilter(_filter)
+    # first: LiteLLM's own filters format and truncate a record (dropping the exception in its arguments)
+    logging.getLogger(_name).filters.insert(0, _filter)
 
 
 async def user_api_key_auth(request: Any, api_key: str) -> Any:
