@@ -315,7 +315,7 @@ def test_postgres_embeddings_through_the_proxy_are_governed(stack: dict[str, Any
     result = client.embeddings.create(model="embed", input=["first text", "second text"])
     assert len(result.data) == 2 and len(result.data[0].embedding) == 256
     rows = _settled(stack, dept, 1)
-    assert [(r["status"], r["route"], r["call_type"]) for r in rows] == [("success", "embed", "aembedding")]
+    assert [(r["status"], r["route"], r["call_type"]) for r in rows] == [("success", "embed", "embedding")]
     assert rows[0]["cost_usd"] == pytest.approx(rows[0]["prompt_tokens"] * 0.02 / 1e6)
 
 
