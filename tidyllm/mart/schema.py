@@ -281,7 +281,7 @@ Index("ix_rate_events_at", rate_events.c.at)
 proxy_keys = Table(
     "proxy_keys",
     metadata,
-    Column("id", String(36), primary_key=True, comment="UUID of the key: what `tidyllm keys revoke|rotate` take"),
+    Column("id", String(36), primary_key=True, comment="UUID of the key: what `tidyllm keys revoke` and `rotate` take"),
     Column("key_hash", String(64), nullable=False, unique=True,
            comment="SHA-256 of the key; the key itself is shown once at creation and never stored"),
     Column("prefix", String(24), nullable=False, comment="first characters of the key, to recognise it in listings"),

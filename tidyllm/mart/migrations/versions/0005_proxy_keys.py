@@ -18,7 +18,7 @@ depends_on = None
 
 def upgrade() -> None:
     op.create_table('proxy_keys',
-    sa.Column('id', sa.String(length=36), nullable=False, comment='UUID of the key: what `tidyllm keys revoke|rotate` take'),
+    sa.Column('id', sa.String(length=36), nullable=False, comment='UUID of the key: what `tidyllm keys revoke` and `rotate` take'),
     sa.Column('key_hash', sa.String(length=64), nullable=False, comment='SHA-256 of the key; the key itself is shown once at creation and never stored'),
     sa.Column('prefix', sa.String(length=24), nullable=False, comment='first characters of the key, to recognise it in listings'),
     sa.Column('user_id', sa.String(length=200), nullable=True, comment="user the key speaks for; NULL for an application key (the request's OpenAI `user` field names the end user)"),
