@@ -274,8 +274,15 @@ def test_postgres_revoked_and_unknown_keys_get_401_and_are_audited(stack: dict[s
         ("admin", "proxy_key:created"), ("admin", "proxy_key:revoked"), ("allowed", None),
         ("refused", "proxy_key:revoked")]
     assert all(key not in str(r) for r in audit)
-    # the refused key is not also recorded as a call (no unenforced row)
+    # a refused key is not also recorded as a call (no unenforced row, for this key or the unknown one)
     assert [r["status"] for r in _settled(stack, dept, 1)] == ["success"]
+    assert _rows(stack, "llm_calls", status="unenforced") == []
+    # LiteLLM's management API is not open to a tidyllm key
+    import httpx
+
+    other = _key(stack, dept)
+    answer = httpx.post(f"{stack['uris'][0]}/key/generate", headers={"Authorization": f"Bearer {other}"}, json={})
+    assert answer.status_code == 403 and "not part of the API" in answer.json()["error"]["message"]
 
 
 def test_postgres_stream_dropped_midway_is_charged_what_was_delivered(stack: dict[str, Any]) -> None:

@@ -192,7 +192,7 @@ def test_refusals_map_to_the_status_an_sdk_expects() -> None:
     claim = errors.MetadataError("bound to risk")
     claim.rule = "proxy_identity:department"
     assert http_error(claim)[:2] == (403, "permission_denied")
-    assert http_error(KeyRefusedError("revoked", reason="revoked"))[:2] == (401, "authentication_error")
+    assert http_error(KeyRefusedError("revoked", reason="revoked"))[:2] == (401, "auth_error")
     # LiteLLM re-wraps: the refusal is found through the chain
     try:
         try:

@@ -6,7 +6,7 @@
 | :class:`~tidyllm.errors.RateLimitedError` | 429 (``Retry-After``) | ``rate_limit_exceeded`` |
 | :class:`~tidyllm.errors.RouteNotAuthorizedError`, unpriced model under a budget, an identity claim that contradicts the key | 403 | ``permission_denied`` |
 | :class:`~tidyllm.errors.MetadataError` (missing or malformed caller context) | 400 | ``invalid_request_error`` |
-| a missing, unknown, revoked or expired key | 401 | ``authentication_error`` |
+| a missing, unknown, revoked or expired key | 401 | ``auth_error`` (LiteLLM's type for a refused key) |
 
 ``error.message`` is tidyllm's own one-line message; ``error.code`` is the HTTP status as a string
 (the LiteLLM proxy's convention); the ``x-tidyllm-rule`` header carries the rule that refused.
@@ -31,7 +31,7 @@ class KeyRefusedError(GovernanceError):
     unenforced call; its audit row is written by :meth:`tidyllm.proxy.keys.KeyStore.check`."""
 
     status_code = 401
-    type = "authentication_error"
+    type = "auth_error"
     param = "api_key"
 
     def __init__(self, message: str, *, reason: str) -> None:
@@ -64,7 +64,7 @@ def http_error(refusal: Any) -> tuple[int, str, dict[str, str]]:
     rule = str(getattr(refusal, "rule", "") or "")
     headers = {"x-tidyllm-rule": rule} if rule else {}
     if isinstance(refusal, KeyRefusedError):
-        return 401, "authentication_error", headers
+        return 401, "auth_error", headers
     if isinstance(refusal, errors.BudgetExceededError):
         return 429, "insufficient_quota", headers
     if isinstance(refusal, errors.RateLimitedError):

@@ -78,7 +78,7 @@ class ProxyGovernance(CustomLogger):
 
     async def authenticate(self, request: Any, api_key: str | None) -> Any:
         """LiteLLM's ``custom_auth``: the key's identity as a ``UserAPIKeyAuth``; 401 for a refused key."""
-        from litellm.proxy._types import ProxyException, UserAPIKeyAuth
+        from litellm.proxy._types import UserAPIKeyAuth
 
         path = str(request.url.path)
         if path.startswith("/health/liveliness") or path.startswith("/health/readiness"):
@@ -91,8 +91,11 @@ class ProxyGovernance(CustomLogger):
             RefusalLogFilter.remember(str(refused))
             raise KeyRefusedError(str(refused), reason=refused.reason) from None
         if not path.startswith(_ALLOWED_PREFIXES):
-            raise ProxyException(message=f"{path} is not part of the API a tidyllm key may use",
-                                 type="permission_denied", param=None, code=403)
+            from tidyllm.errors import RouteNotAuthorizedError
+
+            raise RouteNotAuthorizedError(f"{path} is not part of the API a tidyllm key may use (LiteLLM's "
+                                          "management API needs its own database and master key)",
+                                          rule="proxy_key:path")
         return UserAPIKeyAuth(
             api_key=identity.key_id, token=identity.key_id, user_id=identity.user_id,
             team_id=identity.department, team_alias=identity.department,
