@@ -42,9 +42,10 @@ log = logging.getLogger("tidyllm.proxy")
 
 #: metadata keys of ``UserAPIKeyAuth`` that carry a tidyllm key's identity
 _ID, _DEPT, _USER, _ROUTES = "tidyllm_key_id", "tidyllm_department", "tidyllm_user", "tidyllm_routes"
-#: paths a tidyllm key may use: the OpenAI-compatible API and the model listings, never LiteLLM's admin API
+#: paths a tidyllm key may use: the OpenAI-compatible API and the model listings — never LiteLLM's admin API,
+#: nor ``/health``, whose model checks call every provider outside governance
 _ALLOWED_PREFIXES = ("/v1/", "/chat/", "/completions", "/embeddings", "/models", "/engines/", "/openai/",
-                     "/model/info", "/v1/model/info", "/model_group/info", "/health")
+                     "/model/info", "/model_group/info")
 
 
 def identity_of(auth: Any) -> Identity | None:
