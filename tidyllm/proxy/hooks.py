@@ -42,10 +42,11 @@ log = logging.getLogger("tidyllm.proxy")
 
 #: metadata keys of ``UserAPIKeyAuth`` that carry a tidyllm key's identity
 _ID, _DEPT, _USER, _ROUTES = "tidyllm_key_id", "tidyllm_department", "tidyllm_user", "tidyllm_routes"
-#: paths a tidyllm key may use: the OpenAI-compatible API and the model listings — never LiteLLM's admin API,
-#: nor ``/health``, whose model checks call every provider outside governance
-_ALLOWED_PREFIXES = ("/v1/", "/chat/", "/completions", "/embeddings", "/models", "/engines/", "/openai/",
-                     "/model/info", "/model_group/info")
+#: paths a tidyllm key may use: the calls tidyllm governs (chat completions and embeddings, streamed or not)
+#: and the model listings — never LiteLLM's admin API, its other pass-through endpoints (files, batches,
+#: images...), nor ``/health``, whose model checks call every provider outside governance
+_ALLOWED_PATHS = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/embeddings", "/embeddings",
+                            "/v1/models", "/models", "/model/info", "/v1/model/info", "/model_group/info"})
 
 
 def identity_of(auth: Any) -> Identity | None:
@@ -91,7 +92,7 @@ class ProxyGovernance(CustomLogger):
             # one log line (async_post_call_failure_hook), HTTP 401 with an OpenAI-style body
             RefusalLogFilter.remember(str(refused))
             raise KeyRefusedError(str(refused), reason=refused.reason) from None
-        if not path.startswith(_ALLOWED_PREFIXES):
+        if path.rstrip("/") not in _ALLOWED_PATHS:
             from tidyllm.errors import RouteNotAuthorizedError
 
             raise RouteNotAuthorizedError(f"{path} is not part of the API a tidyllm key may use (LiteLLM's "
