@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import statistics
 import sys
 import tempfile
@@ -164,6 +165,7 @@ def main() -> None:
         sim.stop()
         if drop is not None:
             drop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     load_after = os.getloadavg()
     rows = {name: {"median_ms": statistics.median(v), "p95_ms": percentile(v, 0.95)} for name, v in times.items()}
