@@ -7,7 +7,11 @@ STAMP := $(VENV)/.installed
 
 export LITELLM_LOCAL_MODEL_COST_MAP ?= True
 
-.PHONY: demo test install bench docs clean
+PROXY_STAMP := $(VENV)/.installed-proxy
+# e.g. make proxy PROXY_ARGS="--port 4000 --config tidyllm.yaml"
+PROXY_ARGS ?=
+
+.PHONY: demo test install bench docs clean proxy
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +20,16 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# LiteLLM's proxy server with tidyllm's governance and keys (docs/operations.md, "A LiteLLM proxy")
+$(PROXY_STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[proxy]'
+	touch $(PROXY_STAMP)
+
+proxy: $(PROXY_STAMP)
+	$(VENV)/bin/tidyllm proxy $(PROXY_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/tidyllm demo

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from tidyllm.errors import ConfigurationError
+from tidyllm.money import usd
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -360,7 +361,7 @@ def format_summary(summary: Summary) -> str:
     lines = ["", "== Spend and refusals per department =="]
     if not summary.departments.empty:
         lines.append(_table(summary.departments, {
-            "spend_usd": lambda v: f"${v:.4f}", "budget_usd": lambda v: "-" if v != v else f"${v:.2f}",
+            "spend_usd": usd, "budget_usd": usd,
             "used": lambda v: "-" if v != v else f"{100 * v:.0f}%"}))
     lines += ["", f"== Route share per context ({t.get('strategy')} router): first third vs last third of the run =="]
     lines.append(_table(summary.route_share))
@@ -391,7 +392,7 @@ def format_summary(summary: Summary) -> str:
     lines += ["", f"requests: {t.get('requests', t['calls'])}, answered {t.get('requests_ok', t['answered'])}, "
                   f"refused {t.get('requests_refused', t['refused'])}, failed after retries "
                   f"{t.get('requests_failed', 0)}; provider attempts that failed: {t['failed_attempts']}; "
-                  f"spend ${t['spend_usd']:.4f}"]
+                  f"spend {usd(t['spend_usd'])}"]
     return "\n".join(lines)
 
 

@@ -23,6 +23,8 @@ _COMMANDS = {
     "demo": ("tidyllm.cli.demo", "demo"),
     "forecast": ("tidyllm.cli.forecast", "forecast"),
     "gateway": ("tidyllm.cli.gateway", "gateway"),
+    "keys": ("tidyllm.cli.keys", "keys"),
+    "proxy": ("tidyllm.cli.proxy", "proxy"),
     "report": ("tidyllm.cli.report", "report"),
     "routes": ("tidyllm.cli.routes", "routes"),
     "simulate": ("tidyllm.cli.simulate", "simulate"),

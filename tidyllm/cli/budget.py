@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from tidyllm.cli._common import echo_frame, platform, settings_options
+from tidyllm.money import usd
 
 
 @click.group()
@@ -24,7 +25,7 @@ def set_(scope: str, name: str, limit_usd: float, period: str, soft_threshold: f
     """Set SCOPE NAME's limit to LIMIT_USD per period (e.g. `tidyllm budget set department risk 50`)."""
     p = platform(config, database_url)
     row = p.budgets.set(scope, name, limit_usd, period, soft_threshold=soft_threshold)
-    click.echo(f"{row['scope']} {row['name']!r}: ${row['limit_usd']:,.2f} per {row['period']}")
+    click.echo(f"{row['scope']} {row['name']!r}: {usd(row['limit_usd'])} per {row['period']}")
 
 
 @budget.command("show")

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from tidyllm.cli._common import echo_frame, load, settings_options
+from tidyllm.money import usd
 
 
 def _pct(value: float) -> str:
@@ -37,7 +38,7 @@ def forecast(hours: int, csv_path: Path | None, config: str | None, database_url
                f"trained on {m['train_hours']} h, evaluated on the newest {m['test_hours']} h")
     click.echo(f"held-out error: requests MAE {m['mae_requests']:.2f} per series-hour (same hour yesterday: "
                f"{m['baseline_mae_requests']:.2f}), MAPE {_pct(m['mape_requests'])}, WAPE {_pct(m['wape_requests'])} "
-               f"of the hourly load; spend MAE ${m['mae_spend_usd']:.4f}, MAPE {_pct(m['mape_spend'])}, "
+               f"of the hourly load; spend MAE {usd(m['mae_spend_usd'])}, MAPE {_pct(m['mape_spend'])}, "
                f"WAPE {_pct(m['wape_spend'])}")
     totals = (frame.groupby(["dimension", "name"])[["requests", "spend_usd"]].sum().reset_index()
               .round({"requests": 1, "spend_usd": 4}))

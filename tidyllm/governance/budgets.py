@@ -32,6 +32,7 @@ from tidyllm.governance.names import normalize_name
 from tidyllm.mart.fastsql import Tx, json_value
 from tidyllm.mart.schema import budget_events, budget_windows, budgets, lease_owners, reservations
 from tidyllm.mart.store import as_utc, utcnow
+from tidyllm.money import usd
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -173,13 +174,6 @@ class Refusal:
                 f"this {self.period if self.period != 'total' else 'budget'} (spent {usd(self.spent_usd)}, "
                 f"reserved {usd(max(self.reserved_usd, 0.0))}); this call needs up to {usd(self.needed_usd)}. "
                 f"Raise it with `tidyllm budget set {self.scope} {self.name} <usd> --period {self.period}`")
-
-
-def usd(amount: float) -> str:
-    """Dollars for messages: cents for whole amounts, significant digits for small ones."""
-    if abs(amount) >= 1 or amount == 0:
-        return f"${amount:,.2f}"
-    return f"${amount:.4f}" if abs(amount) >= 0.01 else f"${amount:.6f}"
 
 
 def window_bounds(period: str, now: dt.datetime, tz: ZoneInfo) -> tuple[dt.datetime, dt.datetime | None]:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from IPython.display import display
 
+from tidyllm.money import usd
+
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
@@ -84,20 +86,6 @@ def extract_code(text: str) -> str:
 def parse_json(text: str) -> Any:
     """The JSON value of an answer (fences allowed around it); raises ``ValueError`` if it is not JSON."""
     return json.loads(extract_code(text) if "```" in text else text)
-
-
-def usd(amount: float | None, decimals: int | None = None) -> str:
-    """Dollars: cents from $1 up, four significant digits below ($0.00000225, $0.05, $3.50, $1,234.50);
-    ``decimals`` fixes the number of decimals instead."""
-    if amount is None or (isinstance(amount, float) and math.isnan(amount)):
-        return "$?"
-    if decimals is not None:
-        return f"${amount:,.{decimals}f}"
-    if amount == 0 or abs(amount) >= 1:
-        return f"${amount:,.2f}"
-    text = f"{amount:.{3 - math.floor(math.log10(abs(amount)))}f}".rstrip("0")
-    whole, _, frac = text.partition(".")
-    return f"${whole}.{frac.ljust(2, '0')}"
 
 
 def remaining_usd(remaining: float, limit: float) -> str:

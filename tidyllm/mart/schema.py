@@ -304,5 +304,25 @@ rate_events = Table(
 )
 Index("ix_rate_events_at", rate_events.c.at)
 
+proxy_keys = Table(
+    "proxy_keys",
+    metadata,
+    Column("id", String(36), primary_key=True, comment="UUID of the key: what `tidyllm keys revoke` and `rotate` take"),
+    Column("key_hash", String(64), nullable=False, unique=True,
+           comment="SHA-256 of the key; the key itself is shown once at creation and never stored"),
+    Column("prefix", String(24), nullable=False, comment="first characters of the key, to recognise it in listings"),
+    Column("user_id", String(200), comment="user the key speaks for; NULL for an application key (the request's "
+                                           "OpenAI `user` field names the end user)"),
+    Column("department", String(200), nullable=False, comment="department every call with the key is governed as"),
+    Column("routes", _json, comment="glob patterns of the routes and groups the key may call; NULL: any the "
+                                    "authorisation policy allows"),
+    Column("note", String(300), comment="free text: what the key is for"),
+    Column("created_at", _ts, nullable=False, comment="UTC creation time"),
+    Column("expires_at", _ts, comment="UTC time the key stops working (NULL: never)"),
+    Column("revoked_at", _ts, comment="UTC time the key was revoked or rotated (NULL: live)"),
+    Column("replaced_by", String(36), comment="proxy_keys.id of the key that replaced it by rotation"),
+    comment="API keys of the tidyllm LiteLLM proxy, each bound to a user and department (stored hashed).",
+)
+
 #: tables created by each migration, for ``frame()`` and the docs
 TABLES = {t.name: t for t in metadata.sorted_tables}

@@ -23,6 +23,8 @@ from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from tidyllm.money import usd
+
 if TYPE_CHECKING:
     from tidyllm.report.data import ReportData
 
@@ -108,9 +110,7 @@ def render_html(data: "ReportData", *, title: str | None = None) -> str:
 # --- small HTML helpers -------------------------------------------------------------------------
 
 def _usd(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"${value:,.2f}" if abs(value) >= 1 else f"${value:.4f}"
+    return usd(value)
 
 
 def _pct(value: Any) -> str:

@@ -12,6 +12,8 @@ import io
 import math
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from tidyllm.money import usd
+
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
@@ -75,10 +77,8 @@ def _usd(value: float, _pos: Any = None) -> str:
     if value == 0:
         return "$0"
     if abs(value) >= 100:
-        return f"${value:,.0f}"
-    if abs(value) >= 1:
-        return f"${value:,.2f}"
-    return f"${value:.3g}"
+        return f"${value:,.0f}"  # axis ticks: whole dollars read better at this size
+    return usd(value)
 
 
 def _text(value: str) -> str:
