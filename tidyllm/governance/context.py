@@ -68,7 +68,8 @@ class CallContext:
         extra = {k: v for k, v in metadata.items()
                  if k not in CONTEXT_KEYS and k != STAMP_KEY and isinstance(k, str)
                  and isinstance(v, (str, int, float)) and not isinstance(v, bool)
-                 and k not in _LITELLM_OWN_KEYS and k not in _IDENTITY_KEYS}
+                 and k not in _LITELLM_OWN_KEYS and k not in _IDENTITY_KEYS
+                 and not k.startswith(_LITELLM_OWN_PREFIXES)}
         return cls(extra=extra, **{k: values.get(k) for k in CONTEXT_KEYS})
 
     def as_dict(self) -> dict[str, Any]:
@@ -85,13 +86,16 @@ def _error(message: str) -> Exception:
     return MetadataError(message)
 
 
-# Keys LiteLLM's Router adds to metadata; they are not caller context.
+# Keys LiteLLM's Router and proxy add to metadata; they are not caller context.
 _LITELLM_OWN_KEYS = frozenset({
     "model_group", "original_model_group", "model_group_size", "attempted_retries", "attempted_fallbacks",
     "max_retries", "deployment", "api_base", "caching_groups", "previous_models", "request_retry_count",
     "litellm_trace_id", "model_group_alias", "deployment_model_name", "user_api_key", "hidden_params",
-    "tidyllm_call_id", "tidyllm_tried",
+    "tidyllm_call_id", "tidyllm_tried", "requester_ip_address", "user_agent", "endpoint", "litellm_api_version",
+    "queue_time_seconds", "headers", "requester_metadata", "global_max_parallel_requests", "litellm_parent_otel_span",
 })
+#: prefixes of LiteLLM's own metadata keys (the proxy's authenticated key's facts)
+_LITELLM_OWN_PREFIXES = ("user_api_key_", "litellm_", "tidyllm_")
 
 # Keys that carry identity credentials: never routing features, never recorded.
 _IDENTITY_KEYS = frozenset({"tidyllm_token"})

@@ -23,6 +23,9 @@ class _Refusal(GovernanceError, _base):  # type: ignore[misc, valid-type]
     keyword arguments (LiteLLM's ``__init__`` takes no positional message)."""
 
     rule = "governance"
+    #: the HTTP status and OpenAI error type a server (the LiteLLM proxy) answers this refusal with
+    http_status = 403
+    openai_type = "permission_denied"
     #: the keyword attributes an instance is rebuilt from when unpickled
     _fields: tuple[str, ...] = ()
 
@@ -50,6 +53,7 @@ class BudgetExceededError(_Refusal):
     """
 
     rule = "budget"
+    http_status, openai_type = 429, "insufficient_quota"
     _fields = ("scope", "name", "spent_usd", "reserved_usd", "limit_usd", "rule")
 
     def __init__(self, message: str, *, scope: str = "", name: str = "", spent_usd: float = 0.0,
@@ -74,6 +78,7 @@ class RateLimitedError(_Refusal):
     """A requests- or tokens-per-minute limit is reached; retry after ``retry_after`` seconds."""
 
     rule = "rate_limit"
+    http_status, openai_type = 429, "rate_limit_exceeded"
     _fields = ("retry_after", "rule")
 
     def __init__(self, message: str, *, retry_after: float = 0.0, rule: str = "rate_limit") -> None:
@@ -85,6 +90,7 @@ class MetadataError(_Refusal, ValueError):
     """The caller context (``metadata=``) is missing a required key or has a wrong value."""
 
     rule = "metadata"
+    http_status, openai_type = 400, "invalid_request_error"
     _fields = ("rule",)
 
     def __init__(self, message: str, *, rule: str = "metadata") -> None:
@@ -96,6 +102,7 @@ class UnpricedModelError(_Refusal):
     """A call under a budget names a model tidyllm has no price for, and policy is to fail closed."""
 
     rule = "unpriced"
+    http_status, openai_type = 403, "permission_denied"
 
 
 for _cls in (BudgetExceededError, RouteNotAuthorizedError, RateLimitedError, MetadataError, UnpricedModelError):

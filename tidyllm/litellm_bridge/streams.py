@@ -153,6 +153,11 @@ class _Guard:
         self._finaliser = weakref.finalize(self, _settle_from_finaliser, self._governor_ref, tally)
 
     @property
+    def tally(self) -> StreamTally:
+        """What the caller received so far (the proxy settles a dropped stream from it)."""
+        return self._tally
+
+    @property
     def tidyllm_call_id(self) -> str:
         """The id of the governed call (``llm_calls.id``)."""
         return self._tally.call_id

@@ -15,7 +15,7 @@ and the success/failure events):
 - ``async_post_call_failure_hook`` turns a governance refusal into the HTTP status and
   OpenAI-style error body an SDK understands (:mod:`tidyllm.proxy.errors`), with one log line;
 - ``async_post_call_streaming_iterator_hook`` passes a governed stream through
-  :class:`~tidyllm.governance.streams.AsyncGovernedStream`, so a client that disconnects mid-stream
+  :class:`~tidyllm.litellm_bridge.streams.AsyncGovernedStream`, so a client that disconnects mid-stream
   is charged for what it was sent.
 """
 
@@ -154,6 +154,11 @@ class ProxyGovernance(CustomLogger):
                 f"`tidyllm keys create --routes`", rule="proxy_key:routes")
             await self._audit_refusal(err, md, identity, model, kind, data, user=user_id)
         data[key] = {**md, "department": identity.department, "user_id": user_id}
+        # the key's identity as the authenticated caller of this request's task: the gate then records its
+        # source, and in governance.identity: verified mode it is the identity that counts
+        from tidyllm.governance.identity import Identity as Caller, set_authenticated
+
+        set_authenticated(Caller(user_id, identity.department, source="proxy-key"))
         return data
 
     async def _user(self, identity: Identity, md: dict, data: dict, model: str, kind: str) -> str | None:
@@ -221,18 +226,19 @@ class ProxyGovernance(CustomLogger):
 
     async def async_post_call_streaming_iterator_hook(self, user_api_key_dict: Any, response: Any,
                                                       request_data: dict) -> AsyncIterator[Any]:
-        from tidyllm.governance.streams import AsyncGovernedStream, StreamTally
-        from tidyllm.records import stream_stamp
+        from tidyllm.litellm_bridge.records import stream_token
+        from tidyllm.litellm_bridge.streams import AsyncGovernedStream, StreamTally
 
         if isinstance(response, AsyncGovernedStream):
-            stream, tally = response, response._tally  # governed by the Router (tidyllm's strategy)
+            stream, tally = response, response.tally  # governed by the Router (tidyllm's strategy)
         else:
-            stamp = stream_stamp(response)
-            if stamp is None or not stamp.get("call_id"):
+            token = stream_token(response)
+            admission = self.platform.governor.seals.peek(token)
+            if admission is None:
                 async for chunk in response:
                     yield chunk
                 return
-            tally = StreamTally(stamp, request_data.get("messages"), request_data.get("tools"))
+            tally = StreamTally(admission, token, request_data.get("messages"), request_data.get("tools"))
             stream = AsyncGovernedStream(response, self.platform.governor, tally)
         try:
             async for chunk in stream:
