@@ -75,12 +75,14 @@ class TidyLLMGateway:
         return await asyncio.to_thread(self.completion, model, messages, **kwargs)
 
     def _result(self, response: Any, call_id: str) -> dict[str, Any]:
-        usage = response.usage.model_dump() if getattr(response, "usage", None) is not None else {}
+        from tidyllm.litellm_bridge.records import answer_text, usage_of
+
+        usage = usage_of(response)
         row: dict[str, Any] = {}
         if self.enterprise_config.enable_cost_tracking:
             row = self.platform.wait_for_call(call_id)
-        content = response.choices[0].message.content if response.choices else None
-        return {"model": response.model, "route": row.get("route"), "cost_usd": row.get("cost_usd"),
+        content = answer_text(response) or None
+        return {"model": getattr(response, "model", None), "route": row.get("route"), "cost_usd": row.get("cost_usd"),
                 "usage": {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
                 "latency_ms": row.get("latency_ms"), "call_id": call_id, "content": content, "response": response}
 

@@ -15,7 +15,8 @@ from typing import Any, Mapping
 from tidyllm.governance.context import STAMP_KEY
 from tidyllm.records import CallRecord, ChunkFacts
 
-__all__ = ["chunk_facts", "from_callback", "from_returned", "metadata_of", "stream_token", "tool_calls_of"]
+__all__ = ["answer_text", "assembled", "chunk_facts", "chunk_text", "from_callback", "from_returned", "metadata_of",
+           "stream_token", "tool_calls_of", "usage_of"]
 
 
 def metadata_of(kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -179,3 +180,30 @@ def from_returned(token: str, call_type: str, started: dt.datetime, outcome: Any
         error_type=None if ok else type(outcome).__name__, error_message=None if ok else str(outcome),
         exception=None if ok or not isinstance(outcome, BaseException) else outcome, messages=messages, tools=tools,
         mock=False, tool_calls=tool_calls_of(outcome) if ok else ())
+
+
+def answer_text(response: Any) -> str:
+    """The text of a chat response's first choice ("" when it has none, e.g. a tool call)."""
+    choices = _get(response, "choices") or ()
+    message = _get(choices[0], "message") if choices else None
+    content = _get(message, "content")
+    return content if isinstance(content, str) else ""
+
+
+def chunk_text(chunk: Any) -> str:
+    """The text a streamed chunk's first choice carries."""
+    choices = _get(chunk, "choices") or ()
+    content = _get(_get(choices[0], "delta"), "content") if choices else None
+    return content if isinstance(content, str) else ""
+
+
+def usage_of(response: Any) -> dict[str, Any]:
+    """A response's token usage as a plain dict (prompt, completion and total tokens; {} when absent)."""
+    return dict(_usage(response))
+
+
+def assembled(chunks: list[Any], messages: Any) -> Any:
+    """The response LiteLLM rebuilds from a stream's chunks."""
+    import litellm
+
+    return litellm.stream_chunk_builder(chunks, messages=messages)

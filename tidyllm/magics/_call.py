@@ -103,16 +103,16 @@ def complete(target: Target, *, messages: list[dict[str, str]], metadata: dict[s
     kwargs = {k: v for k, v in params.items() if v is not None}
     if not stream:
         return target.router.completion(model=target.model, messages=messages, metadata=metadata, **kwargs)
-    from tidyllm._litellm import import_litellm
+    from tidyllm.litellm_bridge.records import assembled, chunk_text
 
     chunks = []
     for chunk in target.router.completion(model=target.model, messages=messages, metadata=metadata, stream=True,
                                           stream_options={"include_usage": True}, **kwargs):
         chunks.append(chunk)
-        delta = chunk.choices[0].delta.content if getattr(chunk, "choices", None) else None
+        delta = chunk_text(chunk)
         if delta and on_token is not None:
             on_token(delta)
-    return import_litellm().stream_chunk_builder(chunks, messages=messages)
+    return assembled(chunks, messages)
 
 
 def name_call(metadata: dict[str, Any]) -> str:

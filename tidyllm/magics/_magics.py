@@ -246,7 +246,9 @@ class LLMMagics(Magics):
         finally:
             if stream_sink is not None:
                 stream_sink.close()
-        text = response.choices[0].message.content or ""
+        from tidyllm.litellm_bridge.records import answer_text
+
+        text = answer_text(response)
         receipt = (_call.receipt_for(platform, call_id, context, target.model, watch,
                                      self.settle_timeout) if show_receipt else None)
         if args.output:
