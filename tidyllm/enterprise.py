@@ -63,9 +63,7 @@ class TidyLLMGateway:
         target = route_optimization or model or self.enterprise_config.default_model
         response = self.platform.router().completion(model=target, messages=list(messages), metadata=metadata,
                                                      **kwargs)
-        # the governed strategy stamps the attempt that answered (a retry has its own id) into metadata
-        stamp = metadata.get("tidyllm")
-        return self._result(response, stamp["call_id"] if isinstance(stamp, dict) else call_id)
+        return self._result(response, call_id)
 
     async def acompletion(self, model: str | None = None, messages: list[Mapping[str, Any]] | None = None,
                           **kwargs: Any) -> dict[str, Any]:
@@ -80,7 +78,9 @@ class TidyLLMGateway:
         usage = usage_of(response)
         row: dict[str, Any] = {}
         if self.enterprise_config.enable_cost_tracking:
-            row = self.platform.wait_for_call(call_id)
+            # the attempt that answered: a Router retry is recorded as <call_id>#<n>
+            row = self.platform.wait_for_call(call_id, last_attempt=True)
+            call_id = row.get("id", call_id)
         content = answer_text(response) or None
         return {"model": getattr(response, "model", None), "route": row.get("route"), "cost_usd": row.get("cost_usd"),
                 "usage": {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")},

@@ -212,9 +212,12 @@ class Platform:
             return
         self.routes.record(admission.route, record.ok, record.latency_ms)
 
-    def wait_for_call(self, call_id: str, timeout: float = 15.0) -> dict[str, Any]:
+    def wait_for_call(self, call_id: str, timeout: float = 15.0, *, last_attempt: bool = False) -> dict[str, Any]:
         """The ``llm_calls`` row of ``call_id`` once it is settled (sync success callbacks run on LiteLLM's
-        logging threads, a moment after the call returns). Raises ``TimeoutError`` after ``timeout`` s."""
+        logging threads, a moment after the call returns). Raises ``TimeoutError`` after ``timeout`` s.
+
+        With ``last_attempt``, the row of the request's last attempt: a Router retry of a named call is
+        recorded as ``<call_id>#<n>``."""
         import time
 
         import sqlalchemy as sa
@@ -228,6 +231,10 @@ class Platform:
         while True:
             with self.mart.store.begin() as conn:
                 row = conn.execute(sa.select(llm_calls).where(llm_calls.c.id == call_id)).mappings().first()
+                if last_attempt and row is not None:
+                    retries = conn.execute(sa.select(llm_calls).where(llm_calls.c.id.like(f"{call_id}#%"))
+                                           .order_by(llm_calls.c.started_at.desc())).mappings().first()
+                    row = retries or row
             if row is not None and row["status"] != "pending":
                 if listeners is not None:
                     listeners.wait(max(0.0, deadline - time.monotonic()))
