@@ -131,6 +131,8 @@ class Settings:
     prices: tuple[Mapping[str, Any], ...] = ()
     #: rate limits: [{scope, name, rpm, tpm}]
     rate_limits: tuple[Mapping[str, Any], ...] = ()
+    #: quality signals the router learns from: judges, checks per use case, source weights (see tidyllm.signals)
+    signals: Mapping[str, Any] = field(default_factory=dict)
     #: the file these settings came from, if any
     source: str | None = None
 
@@ -243,6 +245,18 @@ def _apply(base: Settings, data: Mapping[str, Any], *, origin: str) -> Settings:
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, Mapping) for v in value):
                 raise ConfigurationError(f"{origin}: {key!r} must be a list of mappings")
             changes[key] = tuple(dict(v) for v in value)
+        elif key == "signals":
+            from tidyllm.signals.config import parse_signals
+
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise ConfigurationError(f"{origin}: 'signals' must be a mapping (judges, checks, weights)")
+            try:
+                parse_signals(value)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{origin}: {exc}") from None
+            changes[key] = dict(value)
         elif key == "defaults":
             if not isinstance(value, Mapping):
                 raise ConfigurationError(f"{origin}: 'defaults' must be a mapping of {', '.join(_DEFAULTS_KEYS)}")
