@@ -74,8 +74,8 @@ class SignalHub:
         self.mart = mart
         self.settings = settings
         self.learner: SignalLearner | None = None
-        self._judge_call = judge_call
-        self._judge_routes = judge_routes or (lambda judge: set())
+        self.judge_call = judge_call
+        self.judge_routes = judge_routes or (lambda judge: set())
         self._calibrations: dict[str, Calibration] = {}
         self._calibrated_at = 0.0
         self._lock = threading.Lock()
@@ -278,17 +278,17 @@ class SignalHub:
                answer: str) -> None:
         from tidyllm.errors import GovernanceError
 
-        if route is not None and route in self._judge_routes(judge):
+        if route is not None and route in self.judge_routes(judge):
             with self._lock:  # a judge never scores answers of its own route (self-preference)
                 self.stats["skipped_own_route"] += 1
             return
-        if self._judge_call is None:
+        if self.judge_call is None:
             return
         prompt = judge_messages(judge, context.get("use_case"), messages, answer)
         metadata = {"user_id": judge.user_id, "department": judge.department, "use_case": judge.use_case,
                     "audit_reason": f"judge {judge.name} scores call {call_id}"}
         try:
-            text = self._judge_call(judge, prompt, metadata)
+            text = self.judge_call(judge, prompt, metadata)
         except GovernanceError as exc:
             # refused by the judge's own budget or rules: audited by the governor; the judged call is untouched
             with self._lock:
