@@ -91,6 +91,7 @@ class Platform:
         self._observer: Any = None
         self._filter = RedactingFilter()
         logging.getLogger("tidyllm").addFilter(self._filter)
+        self.signals  # noqa: B018 - feedback reaches the mart's signals from the start
 
     def __repr__(self) -> str:
         return f"<tidyllm.Platform mart={self.mart.store.safe_url!r} gateway={self.gateway.uri!r}>"
@@ -159,6 +160,10 @@ class Platform:
                 from tidyllm.routing.chooser import BanditChooser
 
                 self._chooser = BanditChooser.for_platform(self)
+            elif self.settings.routing.strategy == "weighted":
+                from tidyllm.routing.chooser import WeightedChooser
+
+                self._chooser = WeightedChooser.for_platform(self)
             else:
                 from tidyllm.routing.strategy import CheapestChooser
 
@@ -207,6 +212,7 @@ class Platform:
 
                 self._signals = SignalHub(self.mart, parse_signals(self.settings.signals),
                                           judge_call=self._judge_call, judge_routes=self._judge_routes)
+                self.mart.add_learner(self._signals.on_outcome)
             return self._signals
 
     def _judge_call(self, judge: Any, messages: list[dict[str, str]], metadata: dict[str, Any]) -> str:
@@ -270,6 +276,7 @@ class Platform:
         open for other users)."""
         if self._signals is not None:
             self._signals.close()
+            self.mart.remove_learner(self._signals.on_outcome)
         self._unregister()
         try:
             self.budgets.credit.return_all()

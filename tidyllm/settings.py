@@ -79,7 +79,8 @@ class AuditSettings:
 class RoutingSettings:
     """Knobs of the learning router."""
 
-    #: "bandit" (learned) or "cheapest" (cheapest healthy, authorised, affordable endpoint)
+    #: "bandit" (learned, starting from the routes' ``weight``), "cheapest" (cheapest healthy, authorised,
+    #: affordable endpoint) or "weighted" (traffic split by the routes' ``weight``)
     strategy: str = "bandit"
     #: minimum probability mass spread over all candidates (exploration floor)
     exploration_floor: float = 0.02
@@ -162,7 +163,7 @@ _CHOICES = {
     ("", "gateway_mode"): ("legacy", "server"),
     ("governance", "unpriced"): ("refuse", "allow"),
     ("audit", "capture"): ("none", "hash", "full"),
-    ("routing", "strategy"): ("bandit", "cheapest"),
+    ("routing", "strategy"): ("bandit", "cheapest", "weighted"),
 }
 
 

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from tidyllm.settings import RoutingSettings
     from tidyllm.signals.hub import SignalHub
 
-__all__ = ["BanditChooser", "execution_of"]
+__all__ = ["BanditChooser", "WeightedChooser", "execution_of"]
 
 log = logging.getLogger("tidyllm.routing")
 STATE_NAME = "gateway"
@@ -112,7 +112,6 @@ class BanditChooser:
         chooser = cls(platform.mart, bandit, rs, {g: [r.name for r in routes] for g, routes in groups.items()},
                       signals=platform.signals, route_weights=weights)
         platform.governor.add_listener(chooser.on_finish)
-        platform.mart.add_learner(chooser.on_outcome)
         platform.mart.register_optimizer("gateway", chooser.optimal_config)
         return chooser
 
@@ -203,27 +202,6 @@ class BanditChooser:
             return 0.0 if not record.ok else record.litellm_cost
         return ((record.prompt_tokens or 0) * admission.input_per_1m
                 + (record.completion_tokens or 0) * (admission.output_per_1m or 0.0)) / 1e6
-
-    def on_outcome(self, outcome: Mapping[str, Any]) -> None:
-        """Mart learner: feedback on a call (``call_id``) or on a tracked execution (``execution_id`` in the
-        outcome's data), stored as a signal and learned once its decision is known."""
-        score = outcome.get("performance_score")
-        hub = self.signals
-        if score is None or hub is None:
-            return
-        data = outcome.get("data") or {}
-        source = str(data.get("signal_source") or "")
-        comment = data.get("comment") if isinstance(data.get("comment"), str) else None
-        call_id = outcome.get("call_id")
-        execution_id = data.get("execution_id")
-        if call_id and outcome.get("module") == "gateway":
-            from tidyllm.signals.hub import HUMAN
-
-            hub.record(str(call_id), source or HUMAN, float(score), comment=comment)
-        elif execution_id:
-            from tidyllm.signals.hub import EXECUTION
-
-            hub.record_execution(str(execution_id), float(score), source=source or EXECUTION, comment=comment)
 
     def learn_signals(self, call_id: str) -> int:
         """Learn the signals of ``call_id`` not learned yet (none until its decision is written); returns how many.
@@ -374,6 +352,38 @@ class BanditChooser:
                 "parameters": {"preferred_route": best, "model_group": group, "route_scores": prefs},
                 "confidence": round(min(1.0, weighted / (weighted + 20.0)) * min(1.0, 0.5 + margin * 5), 4),
                 "samples": n, "observations": round(weighted, 3), "source": "bandit"}
+
+
+class WeightedChooser:
+    """The non-learning traffic split (``routing.strategy: weighted``): each candidate gets the share of
+    traffic its gateway-config ``weight`` says, among the candidates of the call (authorised, healthy,
+    affordable); the logged propensity is that share."""
+
+    name = "weighted"
+
+    def __init__(self, route_weights: Mapping[str, float], random_state: int | None = None) -> None:
+        import random
+
+        self.route_weights = dict(route_weights)
+        self._rng = random.Random(random_state)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_platform(cls, platform: "Platform") -> "WeightedChooser":
+        """The split over ``platform``'s gateway-config route weights."""
+        config = platform.gateway.config
+        weights = {r.name: float(r.weight) for r in config.routes} if config is not None else {}
+        return cls(weights, platform.settings.routing.random_state)
+
+    def choose(self, context: Mapping[str, Any], group: str, candidates: Sequence[str],
+               prices: Mapping[str, float | None]) -> Decision:
+        if not candidates:
+            raise RoutingError(f"no candidate route for model group {group!r}")
+        weights = [max(self.route_weights.get(r, 1.0), 0.0) for r in candidates]
+        total = sum(weights)
+        with self._lock:
+            pick = self._rng.choices(range(len(candidates)), weights=weights)[0]
+        return Decision(candidates[pick], weights[pick] / total, self.name)
 
 
 def _save_at_exit(ref: "weakref.ref[BanditChooser]") -> None:

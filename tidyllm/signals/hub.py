@@ -162,6 +162,22 @@ class SignalHub:
         for source, score, comment in rows:
             self.record(call_id, source, float(score), comment=comment, execution_id=execution_id)
 
+    def on_outcome(self, outcome: Mapping[str, Any]) -> None:
+        """Mart learner (``learn_from_execution``): feedback on a call (``call_id``, module ``gateway``) or a
+        score given to a tracked execution (``execution_id``), stored as a signal."""
+        score = outcome.get("performance_score")
+        if score is None:
+            return
+        data = outcome.get("data") or {}
+        source = str(data.get("signal_source") or "")
+        comment = data.get("comment") if isinstance(data.get("comment"), str) else None
+        call_id = outcome.get("call_id")
+        execution_id = data.get("execution_id")
+        if call_id and outcome.get("module") == "gateway":
+            self.record(str(call_id), source or HUMAN, float(score), comment=comment)
+        elif execution_id:
+            self.record_execution(str(execution_id), float(score), source=source or EXECUTION, comment=comment)
+
     # --- calibration --------------------------------------------------------------------------------
 
     def calibration(self, source: str) -> Calibration:
