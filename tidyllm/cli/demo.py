@@ -27,7 +27,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 @click.option("--sim-quality", is_flag=True,
               help="Let the simulator report each answer's quality (by default the router learns only from the "
                    "judge, checks, feedback and failures, as with real providers).")
-@click.option("--judge-sample", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+@click.option("--judge-sample", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Share of answers the simulated LLM judge scores.")
 def demo(requests: int, seed: int, out: Path, server: bool, workers: int, sim_quality: bool,
          judge_sample: float) -> None:

@@ -185,11 +185,16 @@ class _RouteTable:
         self.n[k] += weight
         self.recent[k].append((t, idx, val, target, weight))
 
-    def detect(self, k: int, t: float, residual: float, slack: float, threshold: float) -> float | None:
-        """Feed one residual to slot ``k``'s CUSUM; on a detected change return its estimated start time."""
+    def detect(self, k: int, t: float, residual: float, slack: float, threshold: float,
+               weight: float = 1.0) -> float | None:
+        """Feed one residual to slot ``k``'s CUSUM; on a detected change return its estimated start time.
+
+        A weighted observation moves the sums in proportion to its weight: a weak signal (a sampled judge,
+        an implicit failure) alone cannot make the route forget what it learned."""
         state = self.cusum[k]
-        state[0] = max(0.0, state[0] - residual - slack)
-        state[1] = max(0.0, state[1] + residual - slack)
+        w = min(weight, 1.0)
+        state[0] = max(0.0, state[0] - w * (residual + slack))
+        state[1] = max(0.0, state[1] + w * (residual - slack))
         for side in (0, 1):
             if state[side] == 0.0:
                 state[side + 2] = t  # the change, if any, started after now
@@ -623,7 +628,7 @@ class RouteBandit(BaseEstimator):
                     residual = target - float(table.predict(idx, val, [route], now, lam)[0][0])
                 table.add(k, now, idx, val, target, float(w), lam)
                 if threshold is not None:
-                    since = table.detect(k, now, residual, slack, float(threshold))
+                    since = table.detect(k, now, residual, slack, float(threshold), float(w))
                     if since is not None:
                         table.restart(k, since, lam)
                 touched.add(k)

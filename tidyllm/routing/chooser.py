@@ -164,8 +164,8 @@ class BanditChooser:
         call_id = admission.call_id
         if failed:
             refused = "ContentPolicy" in (record.error_type or "") or "content_filter" in (record.error_message or "")
-            hub.record(call_id, sources.REFUSAL if refused else sources.FAILURE, 0.0, 1.0,
-                       data={"error_type": record.error_type})
+            hub.record(call_id, sources.REFUSAL if refused else sources.FAILURE, 0.0,
+                       1.0 if refused else None, data={"error_type": record.error_type})
         elif record.reported_quality is not None and hub.settings.provider_quality:
             hub.record(call_id, sources.PROVIDER, float(record.reported_quality), 1.0)
         if execution_id:

@@ -6,9 +6,11 @@
       human_weight: 1.0              # a human label counts as one observation
       execution_weight: 1.0          # a score given to a tracked execution, per call made inside it
       provider_quality: true         # learn from a quality the provider reports with the answer (the simulator can)
+      failure_weight: 0.1            # a failed call is a reward of 0 worth this many observations (the circuit
+                                     # breaker already keeps failing routes out; an outage is not bad quality)
       regenerate_window_s: 120       # the same user sending the same prompt again within this window ...
       regenerate_weight: 0.25        # ... is a weak negative (score 0) for the first answer
-      calibration_min_pairs: 8       # judge scores are calibrated on human labels once this many calls have both
+      calibration_min_pairs: 20      # judge scores are calibrated on human labels once this many calls have both
       queue_size: 1000               # bounded queue of the background signal worker (judges, checks)
       judges:
         - name: quality
@@ -19,8 +21,8 @@
           sample: {default: 0.05, risk: 0.2}   # share of each department's answers judged
           weight: 0.5                # observations one judge score counts for before calibration
           instructions: {default: "Rate how well the answer serves the request.", code: "..."}
-      checks:
-        extraction:                  # per use case, run on every answer of that use case
+      checks:                        # a failed check is a score of 0 at the check's weight; a pass is recorded
+        extraction:                  # but not learned. Per use case, run on every answer of that use case
           - {name: json, json_schema: {type: object, required: [amount]}}
           - {name: short, length: {min: 1, max: 2000}}
         code:
@@ -40,7 +42,7 @@ from tidyllm.errors import ConfigurationError
 __all__ = ["Check", "Judge", "SignalSettings", "parse_signals"]
 
 _CHECK_KINDS = ("json_schema", "regex", "length", "python_parses", "callable")
-_TOP_KEYS = {"human_weight", "execution_weight", "provider_quality", "regenerate_window_s", "regenerate_weight",
+_TOP_KEYS = {"human_weight", "execution_weight", "failure_weight", "provider_quality", "regenerate_window_s", "regenerate_weight",
              "calibration_min_pairs", "queue_size", "judges", "checks", "check_weight"}
 _JUDGE_KEYS = {"name", "model", "department", "use_case", "user_id", "scale", "sample", "weight", "instructions",
                "max_tokens"}
@@ -100,11 +102,12 @@ class SignalSettings:
 
     human_weight: float = 1.0
     execution_weight: float = 1.0
+    failure_weight: float = 0.1
     check_weight: float = 0.3
     provider_quality: bool = True
     regenerate_window_s: float = 120.0
     regenerate_weight: float = 0.25
-    calibration_min_pairs: int = 8
+    calibration_min_pairs: int = 20
     queue_size: int = 1000
     judges: tuple[Judge, ...] = ()
     checks: Mapping[str, tuple[Check, ...]] = field(default_factory=dict)
@@ -221,7 +224,7 @@ def parse_signals(raw: Mapping[str, Any] | None) -> SignalSettings:
     if unknown:
         raise ConfigurationError(f"signals: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
     kw: dict[str, Any] = {}
-    for key in ("human_weight", "execution_weight", "regenerate_weight", "check_weight"):
+    for key in ("human_weight", "execution_weight", "failure_weight", "regenerate_weight", "check_weight"):
         if key in raw:
             kw[key] = _weight(f"signals.{key}", raw[key])
     if "provider_quality" in raw:

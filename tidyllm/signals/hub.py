@@ -133,6 +133,8 @@ class SignalHub:
             return s.execution_weight
         if source == REGENERATE:
             return s.regenerate_weight
+        if source == FAILURE:
+            return s.failure_weight
         if source.startswith("judge:"):
             for judge in s.judges:
                 if judge.source == source:
@@ -283,8 +285,10 @@ class SignalHub:
             except Exception as exc:  # noqa: BLE001 - a user's callable: its failure is not the answer's
                 log.warning("check %s of use case %s failed on call %s: %s", check.name, check.use_case, call_id, exc)
                 continue
-            self.record(call_id, check.source, score, check.weight, comment=None if score >= 1 else reason,
-                        data={"check": check.kind, "reason": reason})
+            # a pass is recorded but not learned (weight 0): answering in the right format says little about
+            # how good the answer is; a failure is evidence of a poor answer
+            self.record(call_id, check.source, score, check.weight * (1.0 - score),
+                        comment=None if score >= 1 else reason, data={"check": check.kind, "reason": reason})
             with self._lock:
                 self.stats["checked"] += 1
         for judge in judges:
