@@ -307,6 +307,9 @@ class SignalHub:
         prompt = judge_messages(judge, context.get("use_case"), messages, answer)
         metadata = {"user_id": judge.user_id, "department": judge.department, "use_case": judge.use_case,
                     "audit_reason": f"judge {judge.name} scores call {call_id}"}
+        if context.get("data_sensitivity"):
+            # the judge reads the request and the answer: the same data rules apply to its route
+            metadata["data_sensitivity"] = context["data_sensitivity"]
         try:
             text = self.judge_call(judge, prompt, metadata)
         except GovernanceError as exc:
