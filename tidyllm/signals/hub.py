@@ -9,7 +9,9 @@
 - :meth:`SignalHub.record_execution` spreads a score given to a tracked execution over the calls made
   inside it (also those whose decision is written later).
 - :meth:`SignalHub.observe` runs the deterministic checks of the answer's use case and, for a sample,
-  the LLM judges, on a background worker with a bounded queue (drained at exit), off the caller's path.
+  the LLM judges, on a background worker with a bounded queue, off the caller's path. ``platform.close()``
+  drains it; so does interpreter exit, except for judge calls not started yet (LiteLLM cannot settle a new
+  call then), which are counted in ``stats["skipped_at_exit"]``.
 - :meth:`SignalHub.calibration` fits each source's scores on the human labels of the same calls.
 """
 
@@ -81,10 +83,12 @@ class SignalHub:
         self._lock = threading.Lock()
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=settings.queue_size)
         self._thread: threading.Thread | None = None
-        #: what the worker did: judged, judge_refused, judge_failed, checked, dropped (queue full), skipped_own_route
+        #: what the worker did: judged, judge_refused, judge_failed, checked, dropped (queue full),
+        #: skipped_own_route, skipped_at_exit
         self.stats: dict[str, int] = {k: 0 for k in ("judged", "judge_refused", "judge_failed", "checked",
-                                                     "dropped", "skipped_own_route")}
+                                                     "dropped", "skipped_own_route", "skipped_at_exit")}
         self._closed = False
+        self._exiting = False
         atexit.register(_drain_at_exit, weakref.ref(self))
 
     # --- recording --------------------------------------------------------------------------------
@@ -304,6 +308,12 @@ class SignalHub:
             return
         if self.judge_call is None:
             return
+        if self._exiting:
+            # at interpreter exit LiteLLM can no longer schedule the callbacks that settle a new call: a judge
+            # call now could leave its reservation open until the lease expires. platform.close() drains fully.
+            with self._lock:
+                self.stats["skipped_at_exit"] += 1
+            return
         prompt = judge_messages(judge, context.get("use_case"), messages, answer)
         metadata = {"user_id": judge.user_id, "department": judge.department, "use_case": judge.use_case,
                     "audit_reason": f"judge {judge.name} scores call {call_id}"}
@@ -407,4 +417,5 @@ def _sampled(call_id: str, judge: Judge) -> float:
 def _drain_at_exit(ref: "weakref.ref[SignalHub]") -> None:
     hub = ref()
     if hub is not None:
+        hub._exiting = True  # queued checks still run; judges that have not started are skipped (counted)
         hub.close(timeout=10.0)
