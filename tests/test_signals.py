@@ -333,3 +333,34 @@ def test_the_worker_queue_is_bounded_and_drained_at_exit(tmp_path: Any) -> None:
     # nothing queued was lost at exit: every job that was not dropped ran, also those still queued at the end
     assert len(signals) == 50 - dropped and dropped >= 1
     assert (signals["score"] == 0.0).all() and (signals["source"] == "check:parses").all()
+
+
+def test_the_weighted_strategy_splits_traffic_by_route_weight() -> None:
+    from tidyllm.routing.chooser import WeightedChooser
+
+    chooser = WeightedChooser({"a": 3.0, "b": 1.0, "c": 4.0}, random_state=0)
+    picks = [chooser.choose({}, "chat", ["a", "b"], {}) for _ in range(2000)]
+    assert sum(p.route == "a" for p in picks) / len(picks) == pytest.approx(0.75, abs=0.03)
+    assert {p.propensity for p in picks} == {0.75, 0.25} and {p.policy for p in picks} == {"weighted"}
+    # a candidate filtered out (unauthorised, unhealthy) leaves the others' shares in proportion
+    assert {chooser.choose({}, "chat", ["c"], {}).propensity for _ in range(5)} == {1.0}
+
+
+def test_routes_status_reports_signals_and_judge_human_agreement(platform: tuple[Any, Any]) -> None:
+    from click.testing import CliRunner
+
+    from tidyllm.cli import main
+
+    p, router = platform
+    _call(p, router, "status-1", use_case="qa")
+    assert p.signals.drain(10)
+    rng = random.Random(2)
+    for i in range(25):
+        q = rng.uniform(0.2, 0.9)
+        p.signals.record(f"rated-{i}", "judge:q", min(1.0, q + 0.1))
+        p.feedback(f"rated-{i}", q)
+    result = CliRunner().invoke(main, ["routes", "status", "--database-url", p.settings.database_url])
+    assert result.exit_code == 0, result.output
+    assert "Quality signals per source" in result.output and "Judge–human agreement" in result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("judge:q") and "25" in line)
+    assert "True" in row  # calibrated: 25 calls scored by both

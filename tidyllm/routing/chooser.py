@@ -52,8 +52,8 @@ __all__ = ["BanditChooser", "WeightedChooser", "execution_of"]
 log = logging.getLogger("tidyllm.routing")
 STATE_NAME = "gateway"
 _SAVE_EVERY = 25
-#: decisions made in this process remember the execution they were made in until their call finishes
-_EXECUTIONS_KEPT = 10_000
+#: prompts remembered for regeneration detection (the most recent ones, per process)
+_PROMPTS_KEPT = 10_000
 
 
 def execution_of(admission: "Admission | None") -> str | None:
@@ -189,7 +189,7 @@ class BanditChooser:
         with self._lock:
             previous = self._recent_prompts.pop(key, None)
             self._recent_prompts[key] = (call_id, now)
-            while len(self._recent_prompts) > _EXECUTIONS_KEPT:
+            while len(self._recent_prompts) > _PROMPTS_KEPT:
                 self._recent_prompts.popitem(last=False)
         if previous is not None and previous[0] != call_id and now - previous[1] <= window:
             from tidyllm.signals.hub import REGENERATE

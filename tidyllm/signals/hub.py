@@ -21,6 +21,7 @@ import atexit
 import hashlib
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
@@ -51,7 +52,7 @@ REFUSAL = "refusal"
 REGENERATE = "regenerate"
 
 #: a judge answer's first number
-_NUMBER = __import__("re").compile(r"-?\d+(?:\.\d+)?")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _CALIBRATION_TTL_S = 5.0
 
 
