@@ -362,5 +362,6 @@ def test_routes_status_reports_signals_and_judge_human_agreement(platform: tuple
     result = CliRunner().invoke(main, ["routes", "status", "--database-url", p.settings.database_url])
     assert result.exit_code == 0, result.output
     assert "Quality signals per source" in result.output and "Judge–human agreement" in result.output
-    row = next(line for line in result.output.splitlines() if line.startswith("judge:q") and "25" in line)
-    assert "True" in row  # calibrated: 25 calls scored by both
+    agreement = result.output.split("Judge–human agreement", 1)[1]
+    row = next(line for line in agreement.splitlines() if line.startswith("judge:q"))
+    assert row.split()[1] == "25" and "True" in row  # calibrated: 25 calls scored by both
