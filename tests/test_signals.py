@@ -73,6 +73,21 @@ def _call(p: Any, router: Any, call_id: str, content: str = "write a function", 
     return resp
 
 
+def _wait_for(p: Any, call_id: str, *sources: str, timeout: float = 15.0) -> None:
+    """Wait until ``sources`` scored ``call_id``: the answer reaches the signal worker from LiteLLM's logging
+    thread, which may run after the call's settlement (what wait_for_call waits for)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = p.mart.frame("call_signals", call_id=call_id)
+        if set(sources) <= set(got["source"]) and got["applied_at"].notna().all():
+            assert p.signals.drain(timeout)
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{sources} did not score {call_id} within {timeout} s")
+
+
 def _signals(p: Any, call_id: str) -> Any:
     return p.mart.frame("call_signals", call_id=call_id, parse_json=True).set_index("source")
 
@@ -85,7 +100,7 @@ def test_every_source_reaches_the_bandit_exactly_once_late_and_out_of_order(plat
     assert _signals(p, "late-1")["applied_at"].isna().all()
     n0 = bandit.n_updates_ if hasattr(bandit, "routes_") else 0
     resp = _call(p, router, "late-1")
-    assert p.signals.drain(10)
+    _wait_for(p, "late-1", "human", "check:parses", "check:short", "judge:q")
     got = _signals(p, "late-1")
     # human (before the call), two checks (every answer of the use case), the judge (sampled at 100 %)
     assert set(got.index) == {"human", "check:parses", "check:short", "judge:q"}
@@ -112,7 +127,7 @@ def test_every_source_reaches_the_bandit_exactly_once_late_and_out_of_order(plat
 def test_the_judge_never_scores_its_own_route_and_its_calls_are_governed(platform: tuple[Any, Any]) -> None:
     p, router = platform
     _call(p, router, "own-1")
-    assert p.signals.drain(10)
+    _wait_for(p, "own-1", "judge:q")
     judge_calls = p.calls(department="evaluation")
     assert len(judge_calls) == 1 and judge_calls.iloc[0]["route"] == "ep-judge"
     assert judge_calls.iloc[0]["status"] == "success" and judge_calls.iloc[0]["cost_usd"] > 0
@@ -122,7 +137,7 @@ def test_the_judge_never_scores_its_own_route_and_its_calls_are_governed(platfor
     p.signals.judge_routes = lambda judge: {"ep-small", "ep-large"}  # say the judged routes were the judge's
     before = p.signals.stats["skipped_own_route"]
     _call(p, router, "own-2")
-    assert p.signals.drain(10)
+    _wait_for(p, "own-2", "check:parses", "check:short")
     assert p.signals.stats["skipped_own_route"] == before + 1
     assert "judge:q" not in _signals(p, "own-2").index
 
@@ -131,7 +146,7 @@ def test_a_judge_refused_by_its_budget_leaves_the_answered_call_intact(db_url: s
     p, router = _platform(db_url, sim, judge_budget=1e-9)
     try:
         resp = _call(p, router, "refused-1")
-        assert p.signals.drain(10)
+        _wait_for(p, "refused-1", "check:parses", "check:short")
         assert answer_text(resp)
         assert p.signals.stats["judge_refused"] == 1
         call = p.calls(id="refused-1").iloc[0]
@@ -172,7 +187,7 @@ def test_scores_given_to_an_execution_reward_the_calls_made_inside(platform: tup
     monkeypatch.setattr(p.governor, "admit", lambda *a, **k: admit(*a, **{**k, "extra": {
         **(k.get("extra") or {}), "execution_id": "exec-early"}}))
     _call(p, router, "exec-2", use_case="qa")
-    assert p.signals.drain(10)
+    _wait_for(p, "exec-2", "execution", "judge:q")
     got = _signals(p, "exec-2")
     assert got.loc["execution", "score"] == 0.3 and got["applied_at"].notna().all()
     n = bandit.n_updates_
@@ -353,7 +368,7 @@ def test_routes_status_reports_signals_and_judge_human_agreement(platform: tuple
 
     p, router = platform
     _call(p, router, "status-1", use_case="qa")
-    assert p.signals.drain(10)
+    _wait_for(p, "status-1", "judge:q")
     rng = random.Random(2)
     for i in range(25):
         q = rng.uniform(0.2, 0.9)
