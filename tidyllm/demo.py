@@ -610,8 +610,9 @@ def run_demo(*, requests: int = 1000, seed: int = 0, out: str | Path = "tidyllm-
         outcomes = run_workload(platform, router, workload, workers=workers, progress=progress,
                                 events={outage["from"]: outage_on, outage["to"]: outage_off}, rater=rater)
         workload_s = time.perf_counter() - t1
-        platform.signals.drain(60.0)  # the judge's last scores
         _wait_settled(platform)
+        time.sleep(0.2)  # LiteLLM's logging threads hand the last answers to the signal worker just after settling
+        platform.signals.drain(60.0)  # the judge's last scores
         data = gather(platform)
         summary = summarise(data, outcomes, outage=outage, strategy=platform.settings.routing.strategy)
         summary.learning = _learning(platform, simulator, outcomes, outage, latency_scale)
