@@ -13,6 +13,10 @@ environment, so differences come from the decisions alone:
 - ``litellm:<strategy>``: LiteLLM's built-in routing strategies, through a real ``litellm.Router`` whose
   deployments are served by tidyllm's provider simulator (latencies scaled down; outages mirrored).
 
+Judge-only (issue #18): the learner and VW learn only what production tells them — failures, and on 20 %,
+5 % or 0 % of the answered calls a judge's score (true quality + N(0, 0.15) + 0.1 on one route, the route
+that is second best most often) — and are scored on the true reward, as a share of the oracle's.
+
 Also: a RouteLLM-style cost–quality table (share of calls to the most expensive route, quality relative
 to always using it, cost saved), and ``choose``/``partial_fit`` latency with 8 routes.
 
@@ -190,6 +194,89 @@ def run_policy(policy: Policy, stream: Stream, weights: dict[str, dict[str, floa
             "cumulative_reward": float(np.sum(rewards))}
 
 
+#: the judge-only settings: (label, share of calls judged); a judge's score is the answer's quality plus
+#: Gaussian noise (σ = JUDGE_SIGMA) plus JUDGE_BIAS on one route; failures are always seen (reward 0)
+JUDGE_SETTINGS = (("judge 20%", 0.20), ("judge 5%", 0.05), ("no feedback", 0.0))
+JUDGE_SIGMA = 0.15
+JUDGE_BIAS = 0.10
+
+
+def run_judged(policy: Policy, stream: Stream, rate: float, biased_route: str, seed: int,
+               sigma: float = JUDGE_SIGMA, bias: float = JUDGE_BIAS) -> dict[str, Any]:
+    """Run ``policy`` on ``stream`` learning only what production would tell it: a failure (reward 0, always
+    known) and, on a ``rate`` sample of the answered calls, a noisy, biased judge's score in place of the
+    true quality (cost and latency are known exactly). It is scored on the true reward, like every policy."""
+    rng = np.random.default_rng(10_000 + seed)
+    departments = {d.name: d for d in stream.env.departments}
+    judged_u, noise = rng.random(len(stream)), rng.normal(0.0, sigma, len(stream))
+    rewards, expected, learned = [], [], 0
+    decide_s = 0.0
+    for t in range(len(stream)):
+        context, candidates = stream.contexts[t], stream.candidates(t)
+        start = time.perf_counter()
+        route, propensity = policy.decide(t, context, candidates)
+        decide_s += time.perf_counter() - start
+        outcome = stream.outcome(t, route)
+        if outcome.failed:
+            seen: float | None = 0.0
+        elif judged_u[t] < rate:
+            score = min(1.0, max(0.0, outcome.quality + noise[t] + (bias if route == biased_route else 0.0)))
+            seen = reward(score, outcome.cost_usd, outcome.latency_s, weights=departments[context["department"]].weights, cost_scale=stream.env.cost_scale,
+                latency_scale=stream.env.latency_scale)
+        else:
+            seen = None
+        if seen is not None:
+            policy.learn(t, context, route, seen, propensity)
+            learned += 1
+        rewards.append(outcome.reward)
+        expected.append(stream.expected(t, route))
+    n = len(stream)
+    return {"policy": policy.name, "avg_reward": float(np.mean(rewards)),
+            "avg_expected_reward": float(np.mean(expected)), "learned_share": learned / n,
+            "decide_ms": 1000 * decide_s / n}
+
+
+def judge_only(env_names: Sequence[str], n: int, seeds: int, have_vw: bool) -> dict[str, Any]:
+    """The judge-only table: learner, VW and the best fixed route on the same streams, as % of the oracle."""
+    out: dict[str, Any] = {}
+    for env_name in env_names:
+        env = ENVIRONMENTS[env_name]()
+        # the judge favours the route that is second best most often (a bias that can mislead the learner)
+        out[env_name] = {}
+        for label, rate in JUDGE_SETTINGS:
+            per: dict[str, list[float]] = {}
+            biased_route = ""
+            for seed in range(seeds):
+                stream = env.stream(n, seed=seed)
+                if not biased_route:
+                    biased_route = _runner_up(stream)
+                oracle = run_policy(Oracle(stream), stream)["avg_reward"]
+                fixed = max(run_policy(Fixed(r, seed), stream)["avg_reward"] for r in env.route_names)
+                per.setdefault("best fixed", []).append(fixed / oracle)
+                policies: list[Policy] = [Bandit(seed)]
+                if have_vw:
+                    policies.append(VowpalWabbit(seed))
+                for policy in policies:
+                    result = run_judged(policy, stream, rate, biased_route, seed)
+                    per.setdefault(policy.name, []).append(result["avg_reward"] / oracle)
+                    per.setdefault(policy.name + ":learned", []).append(result["learned_share"])
+                    if isinstance(policy, VowpalWabbit):
+                        policy.close()
+            out[env_name][label] = {"rate": rate, "biased_route": biased_route,
+                                    **{k: float(np.mean(v)) for k, v in per.items()}}
+    return out
+
+
+def _runner_up(stream: Stream) -> str:
+    """The route that is second best (by expected reward) most often on ``stream``."""
+    counts: dict[str, int] = {}
+    for t in range(0, len(stream), 5):
+        ranked = sorted(stream.candidates(t), key=lambda r: -stream.expected(t, r))
+        if len(ranked) > 1:
+            counts[ranked[1]] = counts.get(ranked[1], 0) + 1
+    return max(counts, key=counts.get)
+
+
 class ThroughRouter(Policy):
     """One LiteLLM built-in strategy: each decision is a real ``Router.acompletion`` to the simulator.
 
@@ -353,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--environments", default=",".join(ENVIRONMENTS))
     parser.add_argument("--no-vw", action="store_true", help="skip Vowpal Wabbit")
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM Router strategies")
+    parser.add_argument("--no-judge", action="store_true", help="skip the judge-only settings")
+    parser.add_argument("--only-judge", action="store_true", help="run only the judge-only settings")
     parser.add_argument("--out", default="bench/results/routing.json", help="where to write the JSON results")
     args = parser.parse_args(argv)
 
@@ -372,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     num = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
     money = lambda v: "" if v is None else f"{1000 * v:.3f}"  # noqa: E731
     text = lambda v: "" if v is None else str(v)  # noqa: E731
-    for env_name in args.environments.split(","):
+    for env_name in [] if args.only_judge else args.environments.split(","):
         env = ENVIRONMENTS[env_name]()
         per_policy: dict[str, list[dict[str, Any]]] = {}
         for seed in range(args.seeds):
@@ -411,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      ("vs_oracle", "% oracle", pct), ("avg_cost_usd", "cost m$/call", money),
                      ("avg_quality", "quality", num), ("failure_rate", "failed", pct),
                      ("expensive_share", f"{MOST_EXPENSIVE}", pct)])
-    if "stationary" in args.environments.split(","):
+    if "stationary" in args.environments.split(",") and not args.only_judge:
         stream = ENVIRONMENTS["stationary"]().stream(args.n, seed=0)
         rows = cost_quality(stream, 0)
         report["cost_quality"] = rows
@@ -423,6 +512,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                      ("quality_vs_expensive", "quality vs it", pct), ("cost_saved", "cost saved", pct),
                      ("avg_reward", "reward", num)])
         print(f"cost saved at >= 95% of {MOST_EXPENSIVE}'s quality: {pct(report['cost_saved_at_95pct_quality'])}")
+    if not args.no_judge:
+        judged = judge_only(args.environments.split(","), args.n, args.seeds, have_vw)
+        report["judge_only"] = judged
+        rows = []
+        for env_name, settings in judged.items():
+            for label, r in settings.items():
+                rows.append({"setting": f"{env_name}, {label}", "bandit": r["bandit"], "vw": r.get("vw"),
+                             "best_fixed": r["best fixed"], "learned": r["bandit:learned"],
+                             "biased": r["biased_route"]})
+        print_table(f"== judge-only: rewards only from failures and a judge (σ={JUDGE_SIGMA}, +{JUDGE_BIAS} towards "
+                    f"one route) on a share of calls; % of the oracle's true reward, mean over {args.seeds} seeds",
+                    rows, [("setting", "setting", text), ("bandit", "bandit", pct), ("vw", "vw", pct),
+                           ("best_fixed", "best fixed", pct), ("learned", "calls learned", pct),
+                           ("biased", "judge favours", text)])
     lat = latency_bench()
     report["latency"] = lat
     print(f"\n== latency with {lat['routes']} routes: choose p50 {lat['choose_p50_ms']:.3f} ms, "

@@ -66,6 +66,20 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert outage and int(outage.group(1)) >= 1, text
     assert re.search(r"audit chain verified: \d+ rows intact", text)
     assert "learning router:" in text and "best fixed route" in text
+    # the simulator reported no quality: the router learned from the judge, the check, ratings and failures
+    assert "== Quality signals the router learned from" in text and "judge:quality" in text
+    assert re.search(r"difference [+-]\d\.\d{4}, 95% interval \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]", text)
+    import json
+
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    learning = summary["learning"]
+    assert learning["best_fixed_route"].startswith("chat-") and 0 < learning["best_fixed_value"] <= 1
+    assert 0 < learning["router_value"] <= 1 and len(learning["difference_ci"]) == 2
+    assert learning["difference_ci"][0] <= learning["difference"] <= learning["difference_ci"][1]
+    assert summary["totals"]["requests"] == 200 and summary["totals"]["spend_usd"] > 0
+    assert summary["totals"]["requests_refused"] == int(marketing[4])
+    assert summary["signals"]["judge:quality"]["learned"] > 0
+    assert {d["department"] for d in summary["departments"]} >= {"risk", "marketing", "evaluation"}
     # the progress bar went to stderr, the LiteLLM/tidyllm warnings to the log file, not the terminal
     assert "requests:" in run.stderr and "LiteLLM:WARNING" not in run.stdout + run.stderr
     assert (out / "demo.log").exists()

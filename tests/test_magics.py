@@ -568,3 +568,20 @@ def test_autoload_first_use_install_and_gateway_unreachable(fresh_session: dict[
                       f"start it with `tidyllm gateway start --config {fresh_session['gateway_yaml']}` "
                       "(or `tidyllm.stack.LocalStack().start()` in a notebook) and re-run the cell"]
     assert "Traceback" not in err
+
+
+# --- feedback ------------------------------------------------------------------------------------------------
+
+def test_llm_feedback_scores_the_last_answer(ip: Any, stack: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    platform = stack.platform
+    result = cell(ip, "", "Which controls cover model drift?")
+    call_id = result.receipt.call_id
+    capsys.readouterr()
+    ip.run_line_magic("llm_feedback", "👎 cites the wrong policy")
+    assert f"feedback 0 recorded for call {call_id}" in capsys.readouterr().out
+    signal = platform.mart.frame("call_signals", call_id=call_id, source="human").iloc[0]
+    assert signal["score"] == 0.0 and signal["comment"] == "cites the wrong policy"
+    ip.run_line_magic("llm_feedback", "0.9")  # a second score for the same call is ignored
+    assert platform.mart.frame("call_signals", call_id=call_id, source="human").iloc[0]["score"] == 0.0
+    assert "a feedback score is in [0, 1]" in usage_error(ip, "%llm_feedback 7", capsys)
+    assert "takes 👍, 👎 or a score" in usage_error(ip, "%llm_feedback great", capsys)

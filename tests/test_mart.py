@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from tidyllm.mart.store import HEAD_REVISION
 
 from tidyllm.errors import ConfigurationError, SchemaVersionError, StorageError
 from tidyllm.mart import TidyMart, get_tidymart
@@ -108,6 +109,7 @@ def test_learn_and_optimal_config(mart: TidyMart) -> None:
                                "department": "finance"})
     best = mart.get_optimal_config("gateway", {"department": "risk", "use_case": "qa"})
     assert best["source"] == "history" and best["parameters"] == {"route": "chat-b"}
+    assert best["preferred_route"] == "chat-b"  # the seed's key, at the top level too
     assert best["samples"] == 1 and 0 < best["confidence"] < 1
     assert mart.get_optimal_config("gateway", {"department": "finance"})["parameters"] == {"route": "chat-c"}
     out = mart.outcomes(parse_json=True)

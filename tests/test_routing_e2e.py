@@ -58,10 +58,17 @@ def test_late_feedback_is_joined_by_call_id(stack: LocalStack) -> None:
     p = stack.platform
     [call_id] = _workload(p, 1, start=1000)
     before = p.chooser().bandit.n_updates_
-    p.feedback(call_id, 0.05)
+    provider = p.mart.frame("call_signals", call_id=call_id, source="provider").iloc[0]
+    p.feedback(call_id, 0.05, comment="wrong figures")
+    signals = p.mart.frame("call_signals", call_id=call_id).set_index("source")
+    assert signals.loc["human", "score"] == pytest.approx(0.05) and signals.loc["human", "comment"] == "wrong figures"
+    assert signals["applied_at"].notna().all()
     row = p.mart.frame("routing_decisions", call_id=call_id).iloc[0]
-    assert row["quality"] == pytest.approx(0.05)
-    assert p.chooser().bandit.n_updates_ == before  # a decision already rewarded is not learned twice
+    # the decision's quality is the weighted mean of its sources: the provider's report and the human label
+    assert row["quality"] == pytest.approx((provider["score"] + 0.05) / 2)
+    assert p.chooser().bandit.n_updates_ == before + 1  # the human label is one more observation ...
+    p.feedback(call_id, 0.9)
+    assert p.chooser().bandit.n_updates_ == before + 1  # ... learned once: a repeat is ignored
 
 
 RESTART = r"""

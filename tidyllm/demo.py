@@ -6,13 +6,22 @@ It starts the provider **simulator** and a real MLflow AI Gateway over it
 workload through the learning router: four departments (each running its requests from its own
 application, tracked with ``mart.track_execution``), five use cases, confidential risk data that
 must stay on premises, marketing running out of budget on the way, and one endpoint
-(the busiest hosted one at the time) going down for a fifth of the run. The router learns from
-the quality the simulator reports with each answer, and from cost, latency and failures.
+(the busiest hosted one at the time) going down for a fifth of the run, then recovering. The router
+learns from quality signals (below), cost, latency and failures.
 
 Then it prints a summary read back from the mart (spend and refusals per department, route share
 per context before and after learning, the router's reward against the best fixed route, the
 audit chain) and writes the dashboard (:func:`tidyllm.report.write_report`). Every process it
 started is stopped on the way out, also on Ctrl-C and SIGTERM.
+
+The simulator does **not** report quality with its answers here (``--sim-quality`` turns that back on):
+the router learns as it would from real providers, from an LLM judge scoring a sample of the answers
+through a governed judge route on its own budget (a simulated judge: the answer's true quality plus noise
+and a bias towards one model), a deterministic check (answers to questions short enough), a little
+simulated human feedback, and failures. The summary then measures, from the
+simulation's ground truth, whether the learning paid: the router against the best fixed route with a 95 %
+interval, the learning curve, and the outage route's traffic before, during and after its outage; it is
+also written to ``OUT/summary.json``.
 
 >>> result = run_demo(requests=200, out="tidyllm-demo")     # doctest: +SKIP
 >>> print(result.summary_text)                                # doctest: +SKIP
@@ -45,6 +54,39 @@ __all__ = ["DemoRequest", "DemoResult", "Department", "DEPARTMENTS", "Outcome", 
 DEMO_DB = "tidyllm-demo.db"
 #: the outage covers this share of the run (by requests completed); it hits the busiest hosted route
 OUTAGE_WINDOW = (0.3, 0.45)
+#: seconds an endpoint that failed stays out before a probe (10 s and 5 s outside the compressed demo)
+DEMO_COOLDOWN_S = 1.0
+#: share of answered requests a simulated human rates (true quality + a little noise)
+HUMAN_RATE = 0.05
+#: the simulated judge: an on-premises model (it may see confidential data), noisy, favouring sim-claude
+JUDGE_PROFILE = {"description": "simulated LLM judge (scores an answer: true quality + noise + bias)",
+                 "latency": {"base_ms": 60, "per_output_token_ms": 2, "jitter": 0.2},
+                 "output_tokens": {"min": 2, "max": 4}, "quality": 0.8,
+                 "judge": {"noise": 0.1, "bias": {"sim-claude": 0.05}}}
+JUDGE_ROUTE = {"name": "judge", "route_type": "llm/v1/chat", "group": "judge",
+               "model": {"provider": "openai", "name": "sim-judge",
+                         "config": {"openai_api_key": "simulator-accepts-any-key",
+                                    "openai_api_base": "$TIDYLLM_SIMULATOR_URL"}},
+               "price": {"input_per_1m": 0.30, "output_per_1m": 1.20, "effective": "2025-01-01"},
+               "tags": ["on_prem"], "sensitivity": ["public", "internal", "confidential"]}
+#: the demo's quality per use case (the simulator's bundled profiles otherwise): the cheap model is good
+#: enough for questions, summaries and extraction; only the premium one writes good code and analysis
+DEMO_QUALITY = {
+    "sim-gpt-small": {"qa": 0.90, "summarise": 0.88, "extraction": 0.92, "code": 0.45, "analysis": 0.35},
+    "sim-gpt-large": {"qa": 0.88, "summarise": 0.87, "extraction": 0.86, "code": 0.95, "analysis": 0.95},
+    "sim-claude": {"qa": 0.86, "summarise": 0.88, "extraction": 0.80, "code": 0.72, "analysis": 0.75},
+    "sim-onprem-llama": {"qa": 0.70, "summarise": 0.68, "extraction": 0.72, "code": 0.55, "analysis": 0.55},
+}
+#: the judge's department and its own budget: a refused judge call never touches the answered one
+JUDGE_DEPARTMENT, JUDGE_BUDGET_USD = "evaluation", 1.0
+
+
+def demo_signals(judge_sample: float) -> dict[str, Any]:
+    """The demo's ``signals:`` settings: the judge, the checks, the source weights."""
+    return {"judges": [{"name": "quality", "model": "judge", "department": JUDGE_DEPARTMENT, "use_case": "judge",
+                        "sample": {"default": judge_sample}, "weight": 0.5}],
+            "checks": {"qa": [{"name": "brief", "length": {"max": 1200}}]},
+            "human_weight": 1.0}
 
 
 @dataclass(frozen=True)
@@ -161,12 +203,13 @@ APPS = {"risk": "mvr_review", "finance": "close_commentary", "marketing": "campa
         "research": "research_assistant"}
 
 
-def send(platform: "Platform", router: Any, request: DemoRequest) -> Outcome:
+def send(platform: "Platform", router: Any, request: DemoRequest,
+         rater: Callable[[str, str, DemoRequest], None] | None = None) -> Outcome:
     """Send one request through the governed router, as a tracked execution of its department's app.
 
-    The router credits the answer's quality itself: the simulator reports it with each answer
-    (``usage.tidyllm_sim_quality``), as an evaluator would; an application with later user ratings
-    sends them with ``platform.feedback(call_id, score)``."""
+    The router learns from the signals on the answer (judges, checks, failures; with ``--sim-quality`` the
+    quality the simulator reports with it); ``rater(call_id, answer, request)`` plays a user who rates
+    some answers with ``platform.feedback(call_id, score)``."""
     from tidyllm.errors import GovernanceError
     from tidyllm.governance.context import STAMP_KEY
 
@@ -187,6 +230,8 @@ def send(platform: "Platform", router: Any, request: DemoRequest) -> Outcome:
                     "tokens": resp.usage.total_tokens, "quality": quality}
             tracker.record_step("llm_completion", step)
             tracker.record_result({"route": step["route"], "quality": quality})
+        if rater is not None:
+            rater(step["call_id"], resp.choices[0].message.content or "", request)
     except GovernanceError as exc:
         return Outcome(request, "refused", call_id, error=type(exc).__name__)
     except Exception as exc:  # noqa: BLE001 - the provider failed on every attempt: count it and go on
@@ -195,7 +240,8 @@ def send(platform: "Platform", router: Any, request: DemoRequest) -> Outcome:
 
 
 def run_workload(platform: "Platform", router: Any, workload: Sequence[DemoRequest], *, workers: int = 8,
-                 events: Mapping[int, Callable[[], None]] | None = None, progress: bool = True) -> list[Outcome]:
+                 events: Mapping[int, Callable[[], None]] | None = None, progress: bool = True,
+                 rater: Callable[[str, str, DemoRequest], None] | None = None) -> list[Outcome]:
     """Run ``workload`` on ``workers`` threads, in order; ``events[k]`` runs once ``k`` requests are done
     (the demo's outage starts and ends this way). Returns the outcomes in request order."""
     from tqdm import tqdm
@@ -211,7 +257,7 @@ def run_workload(platform: "Platform", router: Any, workload: Sequence[DemoReque
         def submit_next() -> None:
             request = next(it, None)
             if request is not None:
-                future = pool.submit(send, platform, router, request)
+                future = pool.submit(send, platform, router, request, rater)
                 pending.add(future)
 
         # keep exactly `workers` requests in flight, so the events land where they are scheduled
@@ -251,6 +297,10 @@ class Summary:
     audit: Any
     outage: dict[str, Any] = field(default_factory=dict)
     totals: dict[str, Any] = field(default_factory=dict)
+    #: from the simulation's ground truth (:func:`tidyllm.report.learning.learning_summary`)
+    learning: dict[str, Any] = field(default_factory=dict)
+    #: quality signals per source: count, learned, mean score
+    signals: dict[str, Any] = field(default_factory=dict)
 
 
 def _wait_settled(platform: "Platform", timeout: float = 30.0) -> None:
@@ -388,6 +438,34 @@ def format_summary(summary: Summary) -> str:
                          f"best fixed route, {r['best_fixed_route']})")
     else:
         lines.append(r.get("note", "no rewards"))
+    if summary.signals:
+        lines += ["", "== Quality signals the router learned from =="]
+        for source, info in sorted(summary.signals.items()):
+            lines.append(f"  {source:<22} {info['signals']:>5} signals, {info['learned']:>5} learned, "
+                         f"mean score {info['mean_score']:.3f}")
+        for row in summary.totals.get("agreement", []):
+            if row.get("pairs"):
+                corr = "-" if row["correlation"] is None else f"{row['correlation']:.2f}"
+                lines.append(f"  judge-human agreement ({row['source']}): {row['pairs']} calls rated by both, "
+                             f"correlation {corr}, judge bias {row['bias']:+.3f}"
+                             + (" (calibrated)" if row["calibrated"] else ""))
+    lg = summary.learning
+    if lg.get("router_value") is not None:
+        lo, hi = lg["difference_ci"]
+        verdict = "the learning router is better" if lo > 0 else ("worse" if hi < 0 else "no significant difference")
+        lines += ["", "== Learning (expected reward of every route for every request, from the simulation's truth) ==",
+                  f"after the first {lg['warmup_requests']} requests ({lg['compared_requests']} compared): learning "
+                  f"router {lg['router_value']:.4f}, best fixed route {lg['best_fixed_route']} "
+                  f"{lg['best_fixed_value']:.4f}, oracle {lg['oracle_value']:.4f}",
+                  f"difference {lg['difference']:+.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}]: {verdict}",
+                  "learning curve (share of the oracle per tenth of the run): "
+                  + " ".join("-" if v is None else f"{v:.3f}" for v in lg["learning_curve"])]
+        share = lg.get("outage_route_share") or {}
+        if share:
+            fmt = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+            lines.append(f"traffic to {lg['outage_route']} (of the requests it could serve): before the outage "
+                         f"{fmt(share.get('before'))}, during {fmt(share.get('during'))}, after "
+                         f"{fmt(share.get('after'))}, last tenth of the run {fmt(share.get('last_tenth'))}")
     lines += ["", "== Audit ==", str(summary.audit)]
     lines += ["", f"requests: {t.get('requests', t['calls'])}, answered {t.get('requests_ok', t['answered'])}, "
                   f"refused {t.get('requests_refused', t['refused'])}, failed after retries "
@@ -452,15 +530,22 @@ def _capture_logs(path: Path) -> Callable[[], None]:
 
 def run_demo(*, requests: int = 1000, seed: int = 0, out: str | Path = "tidyllm-demo", server: bool = False,
              workers: int = 8, latency_scale: float = 0.05, progress: bool = True,
-             echo: Callable[[str], None] = print, strategy: str | None = None) -> DemoResult:
+             echo: Callable[[str], None] = print, strategy: str | None = None, sim_quality: bool = False,
+             judge_sample: float = 0.5) -> DemoResult:
     """Run the demo end to end (see the module docstring); returns what it did.
 
     ``out`` receives a fresh mart (``tidyllm-demo.db``, replaced if present), the dashboard
-    (``index.html``) and the log (``demo.log``). ``server`` uses the MLflow tracking-server gateway
-    instead of the legacy one. ``strategy`` overrides ``routing.strategy`` of the bundled settings."""
+    (``index.html``), ``summary.json`` and the log (``demo.log``). ``server`` uses the MLflow tracking-server
+    gateway instead of the legacy one. ``strategy`` overrides ``routing.strategy`` of the bundled settings.
+    ``sim_quality`` lets the simulator report each answer's quality (the router then learns from it too);
+    ``judge_sample`` is the share of answers the judge scores."""
+    import dataclasses
+    import json
+
+    from tidyllm.gateway.simulator import load_profiles, parse_profiles
     from tidyllm.report import save_report
     from tidyllm.report.data import gather
-    from tidyllm.stack import LocalStack, bundled_settings
+    from tidyllm.stack import LocalStack, bundled_gateway_config, bundled_settings
 
     if requests < 10:
         raise ConfigurationError(f"--requests must be at least 10 for a meaningful demo, got {requests}")
@@ -472,11 +557,19 @@ def run_demo(*, requests: int = 1000, seed: int = 0, out: str | Path = "tidyllm-
         Path(f"{db}{suffix}").unlink(missing_ok=True)
     database_url = f"sqlite:///{db}"
     # the seed also seeds the router's exploration (thread timing still varies the exact run)
-    routing: dict[str, Any] = {"random_state": seed, **({"strategy": strategy} if strategy else {})}
-    overrides: dict[str, Any] = {"database_url": database_url, "routing": routing}
+    # exploration costs reward while the estimates are still noisy (sparse, judged signals): cap it at 10 %
+    routing: dict[str, Any] = {"random_state": seed, "max_exploration_share": 0.1,
+                               **({"strategy": strategy} if strategy else {})}
+    overrides: dict[str, Any] = {"database_url": database_url, "routing": routing,
+                                 "signals": demo_signals(judge_sample)}
     workload = make_workload(requests, seed)
     mode = "server" if server else "legacy"
+    gateway_file = _demo_gateway(out_dir, bundled_gateway_config())
+    profiles = {name: dataclasses.replace(p, quality={**p.quality, **DEMO_QUALITY.get(name, {})})
+                for name, p in load_profiles().items()}
+    profiles.update(parse_profiles({"models": {"sim-judge": JUDGE_PROFILE}}))
     stack = LocalStack(mode=mode, latency_scale=latency_scale, seed=seed, settings=str(bundled_settings()),
+                       gateway_config=gateway_file, profiles=profiles, report_quality=sim_quality,
                        data_dir=out_dir / "mlflow-server" if server else None, **overrides)
     restore_logs: Callable[[], None] = lambda: None  # noqa: E731 - replaced once the log file is set up
     try:
@@ -487,7 +580,14 @@ def run_demo(*, requests: int = 1000, seed: int = 0, out: str | Path = "tidyllm-
         restore_logs = _capture_logs(out_dir / "demo.log")
         platform, simulator = stack.platform, stack.simulator
         assert platform is not None and simulator is not None
-        router = platform.router()
+        platform.budgets.set("department", JUDGE_DEPARTMENT, JUDGE_BUDGET_USD, "month")
+        # the run compresses time (latencies × latency_scale): so do the circuit breaker's and LiteLLM's
+        # cool-downs, or a route that recovered would stay out for a third of the run
+        from tidyllm.gateway.health import RouteHealth
+
+        platform.routes = RouteHealth(cooldown_s=DEMO_COOLDOWN_S)
+        router = platform.router(cooldown_time=DEMO_COOLDOWN_S)
+        rater = _simulated_rater(platform, simulator, seed)
         startup_s = time.perf_counter() - t0
         echo(f"gateway {stack.gateway.uri if stack.gateway else '?'} ready after {startup_s:.1f} s; sending "
              f"{requests} requests from {len({r.department for r in workload})} departments "
@@ -509,15 +609,25 @@ def run_demo(*, requests: int = 1000, seed: int = 0, out: str | Path = "tidyllm-
 
         t1 = time.perf_counter()
         outcomes = run_workload(platform, router, workload, workers=workers, progress=progress,
-                                events={outage["from"]: outage_on, outage["to"]: outage_off})
+                                events={outage["from"]: outage_on, outage["to"]: outage_off}, rater=rater)
         workload_s = time.perf_counter() - t1
         _wait_settled(platform)
+        time.sleep(0.2)  # LiteLLM's logging threads hand the last answers to the signal worker just after settling
+        platform.signals.drain(60.0)  # the judge's last scores
         data = gather(platform)
         summary = summarise(data, outcomes, outage=outage, strategy=platform.settings.routing.strategy)
+        summary.learning = _learning(platform, simulator, outcomes, outage, latency_scale)
+        summary.signals = _signal_counts(platform)
+        summary.totals["agreement"] = platform.signals.agreement()
+        summary.totals["judge"] = dict(platform.signals.stats)
+        data.learning = summary.learning
         report = save_report(data, out_dir)
         text = format_summary(summary)
+        (out_dir / "summary.json").write_text(json.dumps(summary_json(summary), indent=1, default=str),
+                                              encoding="utf-8")
         elapsed = time.perf_counter() - t0
-        text += (f"\n\nworkload: {requests} requests in {workload_s:.1f} s ({requests / workload_s:.0f} req/s); "
+        text += (f"\n\nsummary:   {out_dir / 'summary.json'}"
+                 f"\nworkload: {requests} requests in {workload_s:.1f} s ({requests / workload_s:.0f} req/s); "
                  f"total {elapsed:.1f} s including gateway start\nmart:      {database_url}\n"
                  f"dashboard: {report}\nlog:       {out_dir / 'demo.log'}")
         return DemoResult(out_dir, report, database_url, summary, text, elapsed, startup_s, workload_s,
@@ -525,6 +635,84 @@ def run_demo(*, requests: int = 1000, seed: int = 0, out: str | Path = "tidyllm-
     finally:
         stack.stop()
         restore_logs()
+
+
+def _demo_gateway(out_dir: Path, bundled: Path) -> Path:
+    """The bundled gateway routes plus the demo's judge route, written to ``out_dir``."""
+    import yaml
+
+    data = yaml.safe_load(bundled.read_text(encoding="utf-8"))
+    data["routes"] = [*data["routes"], JUDGE_ROUTE]
+    path = out_dir / "gateway.yaml"
+    path.write_text("# the bundled routes plus the demo's judge route (written by tidyllm demo)\n"
+                    + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _simulated_rater(platform: "Platform", simulator: Any, seed: int) -> Callable[[str, str, DemoRequest], None]:
+    """A user who rates about ``HUMAN_RATE`` of the answers: the answer's true quality plus a little noise."""
+    import threading
+
+    rng = random.Random(seed + 7)
+    lock = threading.Lock()
+
+    def rate(call_id: str, answer: str, request: DemoRequest) -> None:
+        with lock:
+            rated, noise = rng.random() < HUMAN_RATE, rng.gauss(0.0, 0.03)
+        truth = simulator.true_quality(answer)
+        if rated and truth is not None:
+            platform.feedback(call_id, min(1.0, max(0.0, truth + noise)))
+
+    return rate
+
+
+def _learning(platform: "Platform", simulator: Any, outcomes: Sequence[Outcome], outage: Mapping[str, Any],
+              latency_scale: float) -> dict[str, Any]:
+    """The learning figures from the simulation's ground truth (:mod:`tidyllm.report.learning`)."""
+    from tidyllm.report.learning import Request, learning_summary
+
+    config = platform.gateway.config
+    assert config is not None
+    chat = [r for r in config.routes if r.group == "chat"]
+    model_of = {r.name: r.model_name for r in chat}
+    prices = {}
+    for r in chat:
+        price = platform.prices.lookup(r.name)
+        prices[r.name] = (price.input_per_1m, price.output_per_1m) if price else (0.0, 0.0)
+    answered = [o for o in outcomes if o.status == "ok" and o.route in model_of]
+    calls = platform.mart.frame("llm_calls", columns=["id", "prompt_tokens"], id=[o.call_id for o in answered])
+    tokens = dict(zip(calls["id"], calls["prompt_tokens"]))
+    gov = platform.governor
+    requests = []
+    for o in answered:
+        ctx = gov.context(o.request.metadata())
+        allowed = tuple(r for r in model_of if gov.check_authorized(ctx, r) is None)
+        requests.append(Request(o.request.index, o.request.department, o.request.use_case,
+                                int(tokens.get(o.call_id) or 0), o.request.max_tokens, str(o.route), allowed))
+    rs = platform.settings.routing
+    return learning_summary(requests, profiles=simulator.profiles, model_of=model_of, prices=prices,
+                            weights_of=lambda d: rs.weights_by_department.get(d, rs.weights),
+                            latency_scale=latency_scale,
+                            outage={"route": outage.get("route"), "from": outage["from"], "to": outage["to"]})
+
+
+def _signal_counts(platform: "Platform") -> dict[str, Any]:
+    signals = platform.mart.frame("call_signals", columns=["source", "score", "applied_at"])
+    out = {}
+    for source, group in signals.groupby("source"):
+        out[str(source)] = {"signals": len(group), "learned": int(group["applied_at"].notna().sum()),
+                            "mean_score": float(group["score"].mean())}
+    return out
+
+
+def summary_json(summary: Summary) -> dict[str, Any]:
+    """What ``OUT/summary.json`` holds: totals (spend, refusals), per-department spend and refusals, the
+    learning figures, the signals and the outage."""
+    departments = summary.departments.to_dict(orient="records") if not summary.departments.empty else []
+    return {"totals": {k: v for k, v in summary.totals.items() if k != "agreement"},
+            "departments": departments, "learning": summary.learning, "signals": summary.signals,
+            "judge_human_agreement": summary.totals.get("agreement", []), "outage": summary.outage,
+            "reward_estimate": {k: v for k, v in summary.reward.items() if k != "fixed"}}
 
 
 def _start(stack: Any) -> None:

@@ -99,8 +99,11 @@ class Platform:
         self._provider: Any = None
         self._router: Any = None
         self._chooser: "Chooser | None" = None
+        self._signals: Any = None
+        self._observer: Any = None
         self._filter = RedactingFilter()
         logging.getLogger("tidyllm").addFilter(self._filter)
+        self.signals  # noqa: B018 - feedback reaches the mart's signals from the start
 
     def __repr__(self) -> str:
         return f"<tidyllm.Platform mart={self.mart.store.safe_url!r} gateway={self.gateway.uri!r}>"
@@ -128,6 +131,11 @@ class Platform:
         from litellm.utils import custom_llm_setup
 
         custom_llm_setup()
+        if self.signals.settings.judges or self.signals.settings.checks:
+            from tidyllm.signals.observer import AnswerObserver
+
+            self._observer = AnswerObserver(self.signals)
+            litellm.logging_callback_manager.add_litellm_callback(self._observer)
 
     def _unregister(self) -> None:
         import sys
@@ -139,10 +147,12 @@ class Platform:
         from tidyllm.litellm_bridge.provider import PROVIDER
 
         uninstrument(self.gate)
-        if self._callbacks is not None:
-            litellm.logging_callback_manager.remove_callback_from_all_lists(self._callbacks)
-            if self._callbacks in litellm.callbacks:
-                litellm.callbacks.remove(self._callbacks)
+        for callback in (self._callbacks, self._observer):
+            if callback is not None:
+                litellm.logging_callback_manager.remove_callback_from_all_lists(callback)
+                if callback in litellm.callbacks:
+                    litellm.callbacks.remove(callback)
+        self._observer = None
         litellm.custom_provider_map[:] = [p for p in litellm.custom_provider_map
                                           if p.get("custom_handler") is not self._provider]
         if PROVIDER in litellm._custom_providers and not any(p.get("provider") == PROVIDER
@@ -170,6 +180,10 @@ class Platform:
                 from tidyllm.routing.chooser import BanditChooser
 
                 self._chooser = BanditChooser.for_platform(self)
+            elif self.settings.routing.strategy == "weighted":
+                from tidyllm.routing.chooser import WeightedChooser
+
+                self._chooser = WeightedChooser.for_platform(self)
             else:
                 from tidyllm.routing.strategy import CheapestChooser
 
@@ -202,10 +216,38 @@ class Platform:
 
     # --- learning and feedback -----------------------------------------------------------------
 
-    def feedback(self, call_id: str, score: float, **fields: Any) -> str:
-        """Record a quality score in [0, 1] for a finished call (may arrive late); returns the outcome id."""
+    def feedback(self, call_id: str, score: float, comment: str | None = None, **fields: Any) -> str:
+        """Record a human quality score in [0, 1] for a call (may arrive late, before or after the call is
+        settled); the router learns it once. Returns the outcome id."""
         return self.mart.learn_from_execution({"module": "gateway", "operation": "feedback", "call_id": call_id,
-                                               "performance_score": score, **fields})
+                                               "performance_score": score, "signal_source": "human",
+                                               **({"comment": comment} if comment is not None else {}), **fields})
+
+    @property
+    def signals(self) -> Any:
+        """The :class:`~tidyllm.signals.SignalHub`: judges, checks and feedback the router learns from."""
+        with _lock:
+            if self._signals is None:
+                from tidyllm.signals import SignalHub, parse_signals
+
+                self._signals = SignalHub(self.mart, parse_signals(self.settings.signals),
+                                          judge_call=self._judge_call, judge_routes=self._judge_routes)
+                self.mart.add_learner(self._signals.on_outcome)
+            return self._signals
+
+    def _judge_call(self, judge: Any, messages: list[dict[str, str]], metadata: dict[str, Any]) -> str:
+        """One judge call, governed like any other: through this platform's Router, on the judge's budget."""
+        from tidyllm.signals.observer import answer_text
+
+        response = self.router().completion(model=judge.model, messages=messages, metadata=metadata,
+                                            max_tokens=judge.max_tokens)
+        return answer_text(response) or ""
+
+    def _judge_routes(self, judge: Any) -> set[str]:
+        config = self.gateway.config
+        if config is None:
+            return set()
+        return {r.name for r in config.groups().get(judge.model, [])}
 
     def _health_listener(self, record: Any, admission: Any) -> None:
         if admission is None:
@@ -259,6 +301,9 @@ class Platform:
     def close(self) -> None:
         """Unregister from LiteLLM, give back unused admission credit and drop the log filter (the mart stays
         open for other users)."""
+        if self._signals is not None:
+            self._signals.close()
+            self.mart.remove_learner(self._signals.on_outcome)
         self._unregister()
         self.budgets.owners.stop()
         try:

@@ -117,7 +117,8 @@ class AuditSettings:
 class RoutingSettings:
     """Knobs of the learning router."""
 
-    #: "bandit" (learned) or "cheapest" (cheapest healthy, authorised, affordable endpoint)
+    #: "bandit" (learned, starting from the routes' ``weight``), "cheapest" (cheapest healthy, authorised,
+    #: affordable endpoint) or "weighted" (traffic split by the routes' ``weight``)
     strategy: str = "bandit"
     #: minimum probability mass spread over all candidates (exploration floor)
     exploration_floor: float = 0.02
@@ -169,6 +170,8 @@ class Settings:
     prices: tuple[Mapping[str, Any], ...] = ()
     #: rate limits: [{scope, name, rpm, tpm}]
     rate_limits: tuple[Mapping[str, Any], ...] = ()
+    #: quality signals the router learns from: judges, checks per use case, source weights (see tidyllm.signals)
+    signals: Mapping[str, Any] = field(default_factory=dict)
     #: the file these settings came from, if any
     source: str | None = None
 
@@ -203,7 +206,7 @@ _CHOICES = {
     ("governance", "unpriced"): ("refuse", "allow"),
     ("governance", "identity"): ("declared", "verified"),
     ("audit", "capture"): ("none", "hash", "full"),
-    ("routing", "strategy"): ("bandit", "cheapest"),
+    ("routing", "strategy"): ("bandit", "cheapest", "weighted"),
 }
 
 
@@ -286,6 +289,18 @@ def _apply(base: Settings, data: Mapping[str, Any], *, origin: str) -> Settings:
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, Mapping) for v in value):
                 raise ConfigurationError(f"{origin}: {key!r} must be a list of mappings")
             changes[key] = tuple(dict(v) for v in value)
+        elif key == "signals":
+            from tidyllm.signals.config import parse_signals
+
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise ConfigurationError(f"{origin}: 'signals' must be a mapping (judges, checks, weights)")
+            try:
+                parse_signals(value)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{origin}: {exc}") from None
+            changes[key] = dict(value)
         elif key == "defaults":
             if not isinstance(value, Mapping):
                 raise ConfigurationError(f"{origin}: 'defaults' must be a mapping of {', '.join(_DEFAULTS_KEYS)}")

@@ -44,7 +44,7 @@ class LocalStack:
     def __init__(self, *, mode: str = "legacy", gateway_config: str | Path | None = None,
                  profiles: Any = None, seed: int = 0, latency_scale: float = 1.0,
                  settings: Any = None, data_dir: str | Path | None = None, auth: tuple[str, str] | None = None,
-                 **overrides: Any) -> None:
+                 report_quality: bool = True, **overrides: Any) -> None:
         self.mode = mode
         self.gateway_config = Path(gateway_config) if gateway_config else bundled_gateway_config()
         self.profiles = profiles
@@ -53,6 +53,8 @@ class LocalStack:
         self.settings = settings
         self.data_dir = data_dir
         self.auth = auth
+        #: whether the simulator reports each answer's quality with it (off: learn from judges and feedback)
+        self.report_quality = report_quality
         self.overrides: Mapping[str, Any] = overrides
         self.simulator: "Simulator | None" = None
         self.gateway: "GatewayProcess | None" = None
@@ -65,7 +67,8 @@ class LocalStack:
         from tidyllm.gateway.simulator import Simulator
 
         try:
-            self.simulator = Simulator(self.profiles, seed=self.seed, latency_scale=self.latency_scale).start()
+            self.simulator = Simulator(self.profiles, seed=self.seed, latency_scale=self.latency_scale,
+                                       report_quality=self.report_quality).start()
             env = {"TIDYLLM_SIMULATOR_URL": self.simulator.url}
             self.gateway = start_gateway(str(self.gateway_config), mode=self.mode, env=env,
                                          data_dir=self.data_dir, auth=self.auth)

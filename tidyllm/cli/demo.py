@@ -24,7 +24,13 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 @click.option("--server", is_flag=True, help="Use the MLflow tracking-server AI Gateway instead of the legacy one.")
 @click.option("--workers", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Concurrent requests.")
-def demo(requests: int, seed: int, out: Path, server: bool, workers: int) -> None:
+@click.option("--sim-quality", is_flag=True,
+              help="Let the simulator report each answer's quality (by default the router learns only from the "
+                   "judge, checks, feedback and failures, as with real providers).")
+@click.option("--judge-sample", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Share of answers the simulated LLM judge scores.")
+def demo(requests: int, seed: int, out: Path, server: bool, workers: int, sim_quality: bool,
+         judge_sample: float) -> None:
     """Run a realistic governed, learning workload against the provider simulator and write the dashboard.
 
     Starts the provider simulator and a real MLflow AI Gateway (no network needed), installs the bundled
@@ -36,7 +42,7 @@ def demo(requests: int, seed: int, out: Path, server: bool, workers: int) -> Non
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = run_demo(requests=requests, seed=seed, out=out, server=server, workers=workers,
-                          echo=lambda line: click.echo(line))
+                          sim_quality=sim_quality, judge_sample=judge_sample, echo=lambda line: click.echo(line))
     except KeyboardInterrupt:
         click.echo("\ninterrupted: the gateway and the simulator were stopped", err=True)
         sys.exit(130)

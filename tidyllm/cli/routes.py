@@ -44,6 +44,18 @@ def status(config: str | None, database_url: str | None) -> None:
 
     click.echo("\nPreferred route per context (bandit):")
     echo_frame(pd.DataFrame(rows))
+    signals = p.mart.frame("call_signals")
+    if not signals.empty:
+        counts = (signals.assign(learned=signals["applied_at"].notna())
+                  .groupby("source").agg(signals=("score", "size"), mean_score=("score", "mean"),
+                                         learned=("learned", "sum")).reset_index())
+        click.echo("\nQuality signals per source:")
+        echo_frame(counts)
+    agreement = pd.DataFrame(p.signals.agreement())
+    if not agreement.empty:
+        click.echo("\nJudge–human agreement (judge scores on calls humans labelled; calibrated = corrected "
+                   "by the line human ≈ intercept + slope·judge):")
+        echo_frame(agreement)
 
 
 @routes.command()

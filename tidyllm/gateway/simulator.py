@@ -87,8 +87,18 @@ Profiles file (YAML; every key optional except ``models``)::
         quality: {default: 0.7, qa: 0.8, summarise: 0.75, code: 0.6, analysis: 0.5, extraction: 0.7}
                                          # or one number for every use case; no default = mean of the others
         quality_noise: 0.05              # std dev of Gaussian noise on the reported quality (clamped to [0, 1])
+        judge: {noise: 0.15, bias: {sim-gpt-small: 0.1}}   # makes this a simulated LLM JUDGE (see below)
         stream_failure_rate: 0.0         # probability a streamed answer is cut midway
         embedding_dim: 256               # length of embedding vectors
+
+Judges: a model with ``judge`` is a simulated LLM judge. Asked to score an answer (the text between
+``[ANSWER]`` and ``[SCORE]`` in its prompt, as :func:`tidyllm.signals.hub.judge_messages` writes it, or a
+whole message), it answers one number: the quality the simulator gave that answer when it produced it,
+plus the judge's ``bias`` for the model that produced it (``default`` for the others), plus Gaussian noise
+of standard deviation ``noise``, clamped to [0, 1]. :meth:`Simulator.true_quality` returns the quality of
+a recent answer (what a simulated human rater knows). ``Simulator(report_quality=False)`` stops reporting
+the quality with each answer, so the router must learn from judges, checks and feedback, as with real
+providers.
 
 A 429 from a ``seconds`` window carries retry-after = the seconds left in the window, from a ``requests``
 window or ``rpm`` = ``retry_after_s`` (default 1 s). Embeddings are deterministic in the text (same text,
@@ -112,7 +122,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter, defaultdict, deque
+from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
@@ -141,6 +151,9 @@ __all__ = [
 logger = logging.getLogger("tidyllm.simulator")
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+#: the answer inside a judge prompt (tidyllm.signals.hub.judge_messages)
+_JUDGED = re.compile(r"\[ANSWER\]\n(.*?)\n\n\[SCORE\]", re.S)
+_ANSWERS_KEPT = 100_000
 _STREAM_CHUNK_TOKENS = 4
 # Answer words have at most six letters, so each is exactly one token under count_tokens.
 _VOCAB = (
@@ -264,6 +277,8 @@ class ModelProfile:
     quality_noise: float = 0.0
     stream_failure_rate: float = 0.0
     embedding_dim: int = 256
+    #: a simulated LLM judge: {noise: σ, bias: {model: b, default: b}} (None: an ordinary model)
+    judge: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         owner = f"model {self.name!r}"
@@ -282,6 +297,18 @@ class ModelProfile:
             raise ConfigurationError(f"{owner}: field 'quality' must be a number or a non-empty mapping")
         for use_case, q in self.quality.items():
             _number(owner, f"quality.{use_case}", q, hi=1.0)
+        if self.judge is not None:
+            if not isinstance(self.judge, Mapping) or not set(self.judge) <= {"noise", "bias"}:
+                raise ConfigurationError(f"{owner}: field 'judge' must be {{noise: σ, bias: {{model: b}}}}")
+            _number(owner, "judge.noise", self.judge.get("noise", 0.0), hi=1.0)
+            bias = self.judge.get("bias", {})
+            bias = {"default": bias} if is_number(bias) else bias
+            if not isinstance(bias, Mapping):
+                raise ConfigurationError(f"{owner}: judge.bias must be a number or {{model: bias}}")
+            for model, b in bias.items():
+                _number(owner, f"judge.bias.{model}", b, lo=-1.0, hi=1.0)
+            object.__setattr__(self, "judge", MappingProxyType({"noise": float(self.judge.get("noise", 0.0)),
+                                                               "bias": MappingProxyType(dict(bias))}))
         # frozen means frozen: copy the caller's containers into immutable ones
         object.__setattr__(self, "quality", MappingProxyType(dict(self.quality)))
         object.__setattr__(self, "rate_limits", tuple(self.rate_limits))
@@ -487,7 +514,8 @@ class Simulator:
     """
 
     def __init__(self, profiles: Mapping[str, ModelProfile] | str | Path | None = None, *, seed: int = 0,
-                 host: str = "127.0.0.1", port: int = 0, latency_scale: float = 1.0) -> None:
+                 host: str = "127.0.0.1", port: int = 0, latency_scale: float = 1.0,
+                 report_quality: bool = True) -> None:
         if profiles is None or isinstance(profiles, (str, Path)):
             profiles = load_profiles(profiles)
         if not profiles or not all(isinstance(p, ModelProfile) for p in profiles.values()):
@@ -496,6 +524,10 @@ class Simulator:
         self.seed = seed
         self.host = host
         self.latency_scale = _number("Simulator", "latency_scale", latency_scale)
+        #: report each answer's quality with it (``usage.tidyllm_sim_quality``, header, top-level field)
+        self.report_quality = bool(report_quality)
+        # answer text -> (model, quality) of recent answers: what a simulated judge and human "know"
+        self._answers: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._requested_port = port
         self._lock = threading.Lock()
         self._hits: Counter[str] = Counter()
@@ -591,6 +623,35 @@ class Simulator:
                     "outcomes": {m: dict(c) for m, c in self._outcomes.items()},
                     "billed": {m: dict(c) for m, c in self._billed.items()},
                     "down": sorted(self._down), "uptime_s": round(time.monotonic() - self._started_at, 3)}
+
+    def true_quality(self, answer: str) -> float | None:
+        """The quality the simulator gave ``answer`` (one of its recent answers), or None if unknown."""
+        with self._lock:
+            known = self._answers.get(answer)
+        return known[1] if known is not None else None
+
+    def _remember(self, answer: str, model: str, quality: float) -> None:
+        with self._lock:
+            self._answers[answer] = (model, quality)
+            self._answers.move_to_end(answer)
+            while len(self._answers) > _ANSWERS_KEPT:
+                self._answers.popitem(last=False)
+
+    def _judge_score(self, profile: ModelProfile, messages: list[Any], draw: "_Draw") -> str:
+        """A simulated judge's answer: the judged answer's true quality plus the judge's bias and noise."""
+        text = " ".join(_text_of(m.get("content")) for m in messages if isinstance(m, Mapping))
+        match = _JUDGED.search(text)
+        answer = match.group(1) if match else text
+        with self._lock:
+            known = self._answers.get(answer)
+        judge = profile.judge or {}
+        bias_of = judge.get("bias", {})
+        if known is None:
+            quality, bias = profile.quality_for(None), 0.0
+        else:
+            quality, bias = known[1], float(bias_of.get(known[0], bias_of.get("default", 0.0)))
+        score = min(1.0, max(0.0, quality + bias + float(judge.get("noise", 0.0)) * draw.quality_noise))
+        return f"{score:.3f}"
 
     # request handling (called from handler threads)
     def _admit(self, model: str, kind: str) -> tuple[ModelProfile, _Draw]:
@@ -696,21 +757,30 @@ class Simulator:
                 tokens = min(want, limit) if limit else want
                 message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [call]}
                 finish = "length" if tokens < want else "tool_calls"
+            elif profile.judge is not None:
+                content = self._judge_score(profile, messages, draw)
+                tokens = count_tokens(content)
+                message = {"role": "assistant", "content": content}
+                finish = "stop"
             else:
                 want = rng.randint(profile.output_tokens.min, profile.output_tokens.max)
                 tokens = min(want, limit) if limit else want
                 message = {"role": "assistant", "content": " ".join(rng.choice(_VOCAB) for _ in range(tokens))}
                 finish = "length" if tokens < want else "stop"
+                self._remember(message["content"], model, quality)
             completion_tokens += tokens
             choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": None})
         lat = profile.latency
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens, "tidyllm_sim_quality": quality}
+        usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                 "total_tokens": prompt_tokens + completion_tokens}
         response = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
                     "system_fingerprint": "tidyllm-simulator", "choices": choices, "usage": usage,
-                    "tidyllm_simulator": {"quality": quality, "use_case": use_case, "model": model}}
-        out_headers = {"x-tidyllm-sim-quality": f"{quality:.4f}",  # headers are latin-1: escape the rest
-                       "x-tidyllm-sim-use-case": (use_case or "").encode("ascii", "backslashreplace").decode()}
+                    "tidyllm_simulator": {"use_case": use_case, "model": model}}
+        out_headers = {"x-tidyllm-sim-use-case": (use_case or "").encode("ascii", "backslashreplace").decode()}
+        if self.report_quality:  # headers are latin-1: the use case above is escaped
+            usage["tidyllm_sim_quality"] = quality
+            response["tidyllm_simulator"]["quality"] = quality
+            out_headers["x-tidyllm-sim-quality"] = f"{quality:.4f}"
         first_ms = lat.base_ms + lat.per_input_token_ms * prompt_tokens
         with self._lock:
             self._billed[model]["prompt_tokens"] += prompt_tokens

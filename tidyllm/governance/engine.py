@@ -967,10 +967,9 @@ class _Facts:
 
 def current_execution() -> str | None:
     """The id of the tracked execution (``mart.track_execution``) the calling code runs in, if any."""
-    from tidyllm.mart import tracking
+    from tidyllm.mart.tracking import current_execution_id
 
-    current = getattr(tracking, "current_execution_id", None)
-    return current() if current is not None else None
+    return current_execution_id()
 
 
 def _identity_source(ctx: CallContext) -> str | None:

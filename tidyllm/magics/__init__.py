@@ -11,6 +11,8 @@ department, and the session user (``$JUPYTERHUB_USER``, else the OS account) —
   latency) read back from the mart;
 - ``%llm_config key=value ...`` — notebook defaults (user, department, reason, model, …);
 - ``%llm_budget``, ``%llm_routes``, ``%llm_audit`` — inspection;
+- ``%llm_feedback 👍|👎|0.7 [comment]`` — human feedback on the last ``%%llm`` answer (buttons under the answer
+  where the front end shows widgets);
 - ``%llm --help`` — all of it.
 
 Errors a user can act on (over budget, not authorised, no audit reason, gateway down, unknown model,

@@ -71,6 +71,8 @@ class LLMMagics(Magics):
         self._reinstall = False
         self._adhoc: dict[tuple[int, str], Any] = {}
         self._watches: dict[int, tuple["Platform", _call.SettleWatch]] = {}
+        #: call id of the last %%llm cell's answer (what %llm_feedback scores)
+        self.last_call_id: str | None = None
 
     @validate("temperature")
     def _valid_temperature(self, proposal: Any) -> Any:
@@ -249,15 +251,23 @@ class LLMMagics(Magics):
         from tidyllm.litellm_bridge.records import answer_text
 
         text = answer_text(response)
+        self.last_call_id = call_id
         receipt = (_call.receipt_for(platform, call_id, context, target.model, watch,
                                      self.settle_timeout) if show_receipt else None)
+        if receipt is not None:
+            self.last_call_id = receipt.call_id  # the attempt that answered (a Router retry is <id>#<n>)
         if args.output:
             self.shell.user_ns[args.output] = response
         if fmt == "code":
             self.shell.set_next_input(_render.extract_code(text), replace=False)
         result = _render.LLMResult(text=text, format=fmt, response=response, receipt=receipt)
+        buttons = _render.feedback_buttons(self.last_call_id, platform.feedback, self.shell)
         if stream_sink is None:
-            return result
+            if buttons is None:
+                return result
+            display(result)
+            display(buttons)
+            return None
         stream_sink.finish(result)
         return None
 
@@ -422,6 +432,25 @@ class LLMMagics(Magics):
                    "cost_usd", "latency_ms"]
         return frame[[c for c in columns if c in frame.columns]]
 
+    # --- %llm_feedback -------------------------------------------------------------------------------
+
+    @line_magic
+    def llm_feedback(self, line: str) -> None:
+        """Score the last %%llm answer: ``%llm_feedback 👍|👎|0.7 [comment]`` (also +1/-1, up/down).
+
+        The score is human feedback in [0, 1] on that call; the learning router learns it once (a second
+        score for the same call is ignored)."""
+        parts = line.strip().split(None, 1)
+        if not parts:
+            raise UsageError("usage: %llm_feedback 👍|👎|0.7 [comment] (scores the last %%llm answer)")
+        if self.last_call_id is None:
+            raise UsageError("no %%llm answer to score yet in this session: run a %%llm cell first")
+        score = _feedback_score(parts[0])
+        comment = parts[1].strip() if len(parts) > 1 else None
+        platform = self.platform()
+        platform.feedback(self.last_call_id, score, comment=comment)
+        print(f"feedback {score:g} recorded for call {self.last_call_id}")
+
     # --- help ----------------------------------------------------------------------------------------------
 
     def help_text(self) -> str:
@@ -433,6 +462,7 @@ class LLMMagics(Magics):
         sections.append("::\n\n  %llm_config [key=value ...]\n\n" + _dedent(self.llm_config.__doc__ or ""))
         for magic in (self.llm_budget, self.llm_routes, self.llm_audit):
             sections.append(magic.parser.format_help())
+        sections.append("::\n\n  %llm_feedback 👍|👎|0.7 [comment]\n\n" + _dedent(self.llm_feedback.__doc__ or ""))
         sections.append("::\n\n  %llm --help\n\nThis text. Defaults for every notebook: c.LLMMagics.<trait> in "
                         "ipython_config.py (%config LLMMagics lists them).")
         return "\n".join(sections)
@@ -457,3 +487,20 @@ def _dedent(text: str) -> str:
 
 def _trait_message(exc: TraitError) -> str:
     return str(exc).split("\n", 1)[0]
+
+
+_THUMBS = {"👍": 1.0, "+1": 1.0, "up": 1.0, "good": 1.0, "👎": 0.0, "-1": 0.0, "down": 0.0, "bad": 0.0}
+
+
+def _feedback_score(token: str) -> float:
+    """👍 → 1, 👎 → 0, or a number in [0, 1]; anything else is a ``UsageError``."""
+    key = token.strip().rstrip("\ufe0f").lower()
+    if key in _THUMBS:
+        return _THUMBS[key]
+    try:
+        score = float(key)
+    except ValueError:
+        raise UsageError(f"%llm_feedback takes 👍, 👎 or a score in [0, 1] first, got {token!r}") from None
+    if not 0.0 <= score <= 1.0:
+        raise UsageError(f"a feedback score is in [0, 1] (1 = excellent), got {token}")
+    return score

@@ -286,3 +286,26 @@ class StreamSink:
         if result.receipt is not None:
             print(result.receipt)
 
+
+def feedback_buttons(call_id: str | None, send: Any, shell: Any) -> Any:
+    """👍 / 👎 buttons that send human feedback on ``call_id``, when the front end shows widgets (a Jupyter
+    kernel with ipywidgets); ``None`` otherwise — ``%llm_feedback`` does the same from a line."""
+    if call_id is None or getattr(shell, "kernel", None) is None:
+        return None
+    try:
+        import ipywidgets as widgets
+    except ImportError:
+        return None
+    up, down = widgets.Button(description="👍"), widgets.Button(description="👎")
+    status = widgets.Label("")
+
+    def clicked(score: float) -> Any:
+        def handler(_: Any) -> None:
+            send(call_id, score)
+            up.disabled = down.disabled = True
+            status.value = f"feedback {score:g} recorded"
+        return handler
+
+    up.on_click(clicked(1.0))
+    down.on_click(clicked(0.0))
+    return widgets.HBox([up, down, status])

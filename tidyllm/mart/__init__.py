@@ -63,14 +63,22 @@ class TidyMart:
         """
         from tidyllm.mart.tracking import Tracker
 
-        return Tracker(self.store, module, operation, context)
+        return Tracker(self.store, module, operation, context, on_score=self._score_execution)
+
+    def _score_execution(self, tracker: "Tracker", score: float) -> None:
+        """``tracker.record_result(score=...)``: learn the score as the execution's outcome."""
+        self.learn_from_execution({"module": tracker.module, "operation": tracker.operation,
+                                   "context": tracker.context, "execution_id": tracker.execution_id,
+                                   "performance_score": score})
 
     def learn_from_execution(self, outcome: Mapping[str, Any]) -> str:
         """Store an outcome and feed it to the learners (the router's bandit for the gateway module).
 
         ``outcome`` needs ``module``; ``performance_score`` must be a number in [0, 1] when given;
         ``context`` and ``parameters`` are mappings (keys the seed puts at top level, like
-        ``route``, are kept in ``data`` and also read as parameters). Returns the outcome id.
+        ``route``, are kept in ``data`` and also read as parameters). With a ``call_id`` the score is
+        feedback on that LLM call; with an ``execution_id`` (a ``track_execution`` block's) it rewards the
+        routing decisions of the calls made inside that block. Returns the outcome id.
         """
         from tidyllm.mart.schema import outcomes
         from tidyllm.mart.store import utcnow
@@ -108,7 +116,8 @@ class TidyMart:
     def get_optimal_config(self, module: str, context: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The best-scoring configuration seen for ``module`` in contexts matching ``context``.
 
-        Returns ``{"parameters": {...}, "confidence": float, "samples": int, "source": ...}``.
+        Returns ``{"preferred_route": ..., "parameters": {...}, "confidence": float, "samples": int,
+        "source": ...}`` (``preferred_route`` when the configuration names a route).
         ``source`` is ``"history"`` (mean performance of each parameter set over matching
         outcomes; confidence ``n / (n + 5)`` for the winner's ``n`` samples), ``"default"`` when
         nothing matches, or what a registered optimizer reports (the router's bandit answers for
@@ -144,7 +153,10 @@ class TidyMart:
             return {"parameters": {}, "confidence": 0.0, "samples": 0, "source": "default"}
         best = max(totals, key=lambda k: (sum(totals[k]) / len(totals[k]), len(totals[k])))
         n = len(totals[best])
-        return {"parameters": params_of[best], "confidence": round(n / (n + 5.0), 4), "samples": n,
+        parameters = params_of[best]
+        preferred = parameters.get("preferred_route") or parameters.get("route")
+        return {**({"preferred_route": preferred} if preferred else {}),
+                "parameters": parameters, "confidence": round(n / (n + 5.0), 4), "samples": n,
                 "mean_score": sum(totals[best]) / n, "source": "history"}
 
     # --- extension points ---------------------------------------------------------------------

@@ -275,10 +275,45 @@ routing_decisions = Table(
     Column("latency_ms", Float, comment="latency of the call"),
     Column("failed", Boolean, comment="the call failed at the provider"),
     Column("rewarded_at", _ts, comment="UTC time the reward was recorded"),
+    Column("execution_id", String(36),
+           comment="track_execution() block the call was made in (migration 0006): a score given to the "
+                   "execution rewards this decision"),
     comment="One row per routing decision, with its propensity and later its reward.",
 )
 Index("ix_routing_decisions_decided", routing_decisions.c.decided_at)
 Index("ix_routing_decisions_call", routing_decisions.c.call_id)
+Index("ix_routing_decisions_execution", routing_decisions.c.execution_id)
+
+# --- quality signals (migration 0006) ---------------------------------------------------------------
+
+call_signals = Table(
+    "call_signals",
+    metadata,
+    Column("id", String(36), primary_key=True, comment="UUID of the signal"),
+    Column("call_id", String(64), nullable=False,
+           comment="llm_calls.id the signal scores; joined to routing_decisions.call_id (it may arrive first)"),
+    Column("source", String(200), nullable=False,
+           comment="who scored it: judge:<name>, check:<use case>, human, execution, provider, failure, "
+                   "refusal or regenerate; one signal per source and call (a repeat is ignored)"),
+    Column("score", Float, nullable=False, comment="the raw score in [0, 1] as the source gave it"),
+    Column("weight", Float, nullable=False,
+           comment="how much the source counts, in observations (human 1, a judge less, a weak implicit signal "
+                   "less still)"),
+    Column("recorded_at", _ts, nullable=False, comment="UTC time the signal arrived"),
+    Column("comment", Text, comment="free-text comment (human feedback), or why a check failed"),
+    Column("execution_id", String(36), comment="the tracked execution the score was given to, if any"),
+    Column("data", _json, nullable=False, comment="other facts (judge route and cost, check details, ...)"),
+    Column("quality", Float,
+           comment="the score after the source's calibration on human labels, as the router learned it"),
+    Column("reward", Float, comment="the reward (quality, cost, latency) the router learned from it"),
+    Column("applied_at", _ts,
+           comment="UTC time the router learned from it; NULL while its routing decision is not known yet"),
+    Column("applied_by", String(64), comment="router instance that learned it (others replay it from here)"),
+    UniqueConstraint("call_id", "source", name="uq_call_signals_call_source"),
+    comment="Quality signals on LLM calls (judges, checks, human feedback, implicit signals), each learned "
+            "by the router exactly once.",
+)
+Index("ix_call_signals_applied", call_signals.c.applied_at)
 
 bandit_state = Table(
     "bandit_state",

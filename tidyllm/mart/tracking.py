@@ -14,16 +14,23 @@ block shorter than that (or killed sooner) is written only once, when it ends.
 The writes are prepared statements (:meth:`Store.prepared <tidyllm.mart.store.Store.prepared>`)
 executed in a :meth:`Store.tx <tidyllm.mart.store.Store.tx>` transaction on the pool's own DB-API
 connection: building SQLAlchemy Core statements per execution cost more than the database work.
+
+Inside a block, :func:`current_execution_id` names the execution (a context variable, so it follows
+the block into ``asyncio`` tasks it starts and into threads started with ``contextvars.copy_context()``).
+The learning router records it with each routing decision made inside the block, so a score given to
+the execution (``tracker.record_result(..., score=0.9)`` or ``mart.learn_from_execution({"execution_id":
+..., "performance_score": 0.9})``) rewards those decisions.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from tidyllm.mart.schema import execution_steps, executions
 from tidyllm.mart.store import utcnow
@@ -31,12 +38,23 @@ from tidyllm.mart.store import utcnow
 if TYPE_CHECKING:
     from tidyllm.mart.store import Store
 
-__all__ = ["Tracker", "RUNNING_ROW_AFTER_S"]
+__all__ = ["Tracker", "RUNNING_ROW_AFTER_S", "current_execution_id"]
 
 log = logging.getLogger("tidyllm.mart")
 
 #: seconds after which a block that is still running gets its ``running`` execution row written
 RUNNING_ROW_AFTER_S = 1.0
+
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("tidyllm_execution_id", default=None)
+
+
+def current_execution_id() -> str | None:
+    """The id of the innermost ``track_execution`` block running in this context, or ``None``.
+
+    Set for the block's duration and reset after it (also when it raises); asyncio tasks created inside
+    the block and threads started with ``contextvars.copy_context().run`` see it too."""
+    return _current.get()
+
 
 _FINAL_COLUMNS = ("status", "ended_at", "duration_ms", "result", "error_type", "error_message")
 _RUNNING_COLUMNS = ("id", "module", "operation", "context", "status", "started_at")
@@ -85,7 +103,8 @@ def _write(store: "Store", execution: dict[str, Any] | None, running: list[dict[
 class Tracker:
     """The object ``track_execution`` yields. Use as ``with``/``async with``; thread-safe."""
 
-    def __init__(self, store: "Store", module: str, operation: str, context: Mapping[str, Any] | None) -> None:
+    def __init__(self, store: "Store", module: str, operation: str, context: Mapping[str, Any] | None,
+                 on_score: "Callable[[Tracker, float], None] | None" = None) -> None:
         if not isinstance(module, str) or not module:
             raise TypeError("track_execution(module, ...) needs a non-empty module name")
         if not isinstance(operation, str) or not operation:
@@ -100,7 +119,11 @@ class Tracker:
         #: steps recorded so far, as dicts with name, data and recorded_at
         self.steps: list[dict[str, Any]] = []
         self.result: Any = None
+        #: the score in [0, 1] given with record_result(score=...), if any
+        self.score: float | None = None
         self.status = "pending"
+        self._on_score = on_score
+        self._token: contextvars.Token[str | None] | None = None
         self._lock = threading.Lock()
         self._t0 = 0.0
         self._started_at = utcnow()
@@ -112,8 +135,15 @@ class Tracker:
         with self._lock:
             self.steps.append({"name": name, "data": dict(data or {}), "recorded_at": utcnow()})
 
-    def record_result(self, result: Any) -> None:
-        """Record the block's result (any JSON-serialisable value)."""
+    def record_result(self, result: Any = None, *, score: float | None = None) -> None:
+        """Record the block's result (any JSON-serialisable value) and, optionally, how well it went.
+
+        ``score`` in [0, 1] is learned from when the block ends: it rewards the routing decisions of
+        the LLM calls made inside the block (``mart.learn_from_execution`` with this ``execution_id``)."""
+        if score is not None:
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0.0 <= float(score) <= 1.0:
+                raise ValueError(f"record_result(score={score!r}): a score is a number in [0, 1]")
+            self.score = float(score)
         self.result = result
 
     # --- rows ---------------------------------------------------------------------------------
@@ -128,12 +158,14 @@ class Tracker:
         self._t0 = time.perf_counter()
         self._started_at = utcnow()
         self.status = "running"
+        self._token = _current.set(self.execution_id)
         _running_rows.add(self)
         return self
 
     def _finish(self, exc: BaseException | None) -> None:
         duration_ms = (time.perf_counter() - self._t0) * 1000.0
         ended_at = utcnow()
+        self._reset()
         _running_rows.discard(self)
         self.status = "error" if exc is not None else "success"
         eid = self.execution_id
@@ -144,6 +176,17 @@ class Tracker:
                "result": self.result, "error_type": type(exc).__name__ if exc is not None else None,
                "error_message": str(exc)[:4000] if exc is not None else None}
         _write(self._store, row, [], steps)
+        if self.score is not None and self._on_score is not None:
+            self._on_score(self, self.score)
+
+    def _reset(self) -> None:
+        token, self._token = self._token, None
+        if token is None:
+            return
+        try:
+            _current.reset(token)
+        except ValueError:  # ended in another context (e.g. __aexit__ off the task): restore the outer id
+            _current.set(token.old_value if token.old_value is not contextvars.Token.MISSING else None)
 
     def __enter__(self) -> "Tracker":
         return self._start()
@@ -157,6 +200,7 @@ class Tracker:
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         import asyncio
 
+        self._reset()  # in the task's own context, before the write moves to a thread
         await asyncio.to_thread(self._finish, exc)
 
 

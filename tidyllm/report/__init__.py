@@ -197,11 +197,36 @@ def _refusal_table(data: "ReportData") -> str:
     return _table(["reason", "department", "refusals", "first"], rows, numeric=(2,))
 
 
+def _ground_truth_text(learning: dict[str, Any]) -> str:
+    """The demo's learning figures (simulation ground truth), explained."""
+    lo, hi = learning["difference_ci"]
+    verdict = ("the interval excludes zero: the router learned to do better than any single route" if lo > 0 else
+               "the interval includes zero: no significant gain yet" if hi >= 0 else
+               "the router did worse than the best single route")
+    curve = " ".join("–" if v is None else f"{v:.2f}" for v in learning.get("learning_curve", []))
+    share = learning.get("outage_route_share") or {}
+    outage = ""
+    if learning.get("outage_route"):
+        outage = (f" Traffic to {html.escape(str(learning['outage_route']))} (the route that went down), among the "
+                  f"requests it could serve: {_pct(share.get('before'))} before its outage, "
+                  f"{_pct(share.get('during'))} during, {_pct(share.get('after'))} after it recovered.")
+    return (f"<p><b>Did the router learn?</b> In the simulation the expected reward of every route for every "
+            f"request is known, so the router can be compared with always using one route on the very same "
+            f"requests (after the first {learning['warmup_requests']:,}, while it still explores): learning router "
+            f"{learning['router_value']:.3f}, best fixed route {html.escape(str(learning['best_fixed_route']))} "
+            f"{learning['best_fixed_value']:.3f}, best possible {learning['oracle_value']:.3f}; difference "
+            f"{learning['difference']:+.3f}, 95% interval [{lo:+.3f}, {hi:+.3f}] — {verdict}. Learning curve "
+            f"(share of the best possible reward, per tenth of the run): {curve}.{outage} It learned without the "
+            "simulator reporting quality: from a sampled LLM judge, checks, a few human ratings and failures "
+            "(<code>call_signals</code>).</p>")
+
+
 def _learning_text(data: "ReportData") -> str:
     summary = data.reward
+    truth = _ground_truth_text(data.learning) if data.learning.get("router_value") is not None else ""
     if "logged" not in summary:
-        return f"<p>{html.escape(summary['note'])}</p>"
-    text = (f"<p>{summary['rewarded']:,} rewarded decisions; mean reward {summary['logged']:.3f}; "
+        return truth + f"<p>{html.escape(summary['note'])}</p>"
+    text = truth + (f"<p>{summary['rewarded']:,} rewarded decisions; mean reward {summary['logged']:.3f}; "
             f"{_pct(summary['explored'])} of decisions explored.</p>")
     fixed = summary.get("fixed") or {}
     if fixed:

@@ -46,6 +46,8 @@ class ReportData:
     reward: dict[str, Any] = field(default_factory=dict)
     forecast: "pd.DataFrame | None" = None
     forecast_error: str | None = None
+    #: the demo's learning figures from the simulation's ground truth (:mod:`tidyllm.report.learning`)
+    learning: dict[str, Any] = field(default_factory=dict)
 
     @property
     def routed(self) -> "pd.DataFrame":

@@ -185,11 +185,16 @@ class _RouteTable:
         self.n[k] += weight
         self.recent[k].append((t, idx, val, target, weight))
 
-    def detect(self, k: int, t: float, residual: float, slack: float, threshold: float) -> float | None:
-        """Feed one residual to slot ``k``'s CUSUM; on a detected change return its estimated start time."""
+    def detect(self, k: int, t: float, residual: float, slack: float, threshold: float,
+               weight: float = 1.0) -> float | None:
+        """Feed one residual to slot ``k``'s CUSUM; on a detected change return its estimated start time.
+
+        A weighted observation moves the sums in proportion to its weight: a weak signal (a sampled judge,
+        an implicit failure) alone cannot make the route forget what it learned."""
         state = self.cusum[k]
-        state[0] = max(0.0, state[0] - residual - slack)
-        state[1] = max(0.0, state[1] + residual - slack)
+        w = min(weight, 1.0)
+        state[0] = max(0.0, state[0] - w * (residual + slack))
+        state[1] = max(0.0, state[1] + w * (residual - slack))
         for side in (0, 1):
             if state[side] == 0.0:
                 state[side + 2] = t  # the change, if any, started after now
@@ -292,6 +297,8 @@ class RouteBandit(BaseEstimator):
         it, the route is re-learnt from the observations since the change. ``None`` turns detection off.
     change_slack:
         Shifts smaller than this (in reward units) are ignored by the change detector.
+    prior_strength:
+        How many observations a route prior given to :meth:`choose` is worth (see ``prior`` there).
     max_importance_weight:
         ``None`` (default): learn from every observed reward with weight 1. A number: weight each
         observation by ``min(1/propensity, max_importance_weight)``, for learning from logs of another policy.
@@ -304,7 +311,8 @@ class RouteBandit(BaseEstimator):
                  exploration_cap: float | None = None, department_caps: Mapping[str, float | None] | None = None,
                  n_features: int = 64, interactions: Sequence[Sequence[str]] = (("department", "use_case"),),
                  change_threshold: float | None = 1.5, change_slack: float = 0.1,
-                 max_importance_weight: float | None = None, random_state: Any = None) -> None:
+                 max_importance_weight: float | None = None, prior_strength: float = 10.0,
+                 random_state: Any = None) -> None:
         self.discount = discount
         self.alpha = alpha
         self.prior_reward = prior_reward
@@ -318,6 +326,7 @@ class RouteBandit(BaseEstimator):
         self.change_threshold = change_threshold
         self.change_slack = change_slack
         self.max_importance_weight = max_importance_weight
+        self.prior_strength = prior_strength
         self.random_state = random_state
 
     # ------------------------------------------------------------------ lifecycle, validation
@@ -339,6 +348,7 @@ class RouteBandit(BaseEstimator):
         number("gamma_scale", 0.0, math.inf)
         floor = number("floor", 0.0, 1.0)
         number("change_slack", 0.0, 1.0)
+        number("prior_strength", 0.0, math.inf)
         if self.change_threshold is not None:
             number("change_threshold", 0.0, math.inf, low_open=True)
         if self.max_importance_weight is not None:
@@ -422,6 +432,12 @@ class RouteBandit(BaseEstimator):
         return int(self._state()["clock"])
 
     @property
+    def n_observations_(self) -> float:
+        """Weighted number of observations learned so far (the sum of ``sample_weight``; = ``n_updates_`` unweighted)."""
+        state = self._state()
+        return float(state.get("weight", state["clock"]))
+
+    @property
     def routes_(self) -> tuple[str, ...]:
         """Routes the bandit has observed a reward for, in order of first observation."""
         return tuple(self._state()["table"].slots)
@@ -475,15 +491,21 @@ class RouteBandit(BaseEstimator):
             raise RoutingError(f"routes must be distinct, non-empty strings, got {routes!r}")
         return routes
 
-    def choose(self, context: Mapping[str, Any], routes: Sequence[str]) -> Choice:
+    def choose(self, context: Mapping[str, Any], routes: Sequence[str],
+               prior: Mapping[str, float] | None = None) -> Choice:
         """Draw one of ``routes`` (the candidates for this call) for ``context``.
 
         Only a candidate is ever returned; ``Choice.propensity`` is the exact probability it was drawn with.
+        ``prior`` (route -> traffic share, e.g. the gateway config's route ``weight``) is where the router
+        starts: the distribution is mixed with it in proportion ``prior_strength / (prior_strength + n)``,
+        ``n`` the candidates' weighted evidence in this context, so the prior fades as evidence comes in.
         """
         routes = self._check_routes(routes)
         with self._mutex:
             state = self._state()
             probs, means, greedy = self._distribution(state, context, routes)
+            if prior:
+                probs = self._with_prior(state, context, routes, probs, prior)
             department = str(context.get("department") or "")
             counts = state["departments"].setdefault(department, [0.0, 0.0])
             lam = float(self.discount)
@@ -500,6 +522,23 @@ class RouteBandit(BaseEstimator):
         return Choice(route=routes[pick], propensity=float(probs[pick]),
                       scores=dict(zip(routes, means.tolist())), probabilities=dict(zip(routes, probs.tolist())),
                       greedy=routes[greedy], explored=explored, version=version)
+
+    def _with_prior(self, state: dict[str, Any], context: Mapping[str, Any], routes: Sequence[str],
+                    probs: np.ndarray, prior: Mapping[str, float]) -> np.ndarray:
+        """Mix ``probs`` with the prior shares; the prior's part fades with the evidence in this context."""
+        shares = np.array([max(float(prior.get(r, 0.0)), 0.0) for r in routes])
+        if shares.sum() <= 0 or np.allclose(shares, shares[0]):
+            return probs  # equal weights are no prior at all
+        shares /= shares.sum()
+        _, widths = self._scores(state, context, routes)
+        idx, val = state["featurizer"].transform_one(context)
+        norm = float(np.dot(val, val))
+        # ridge: xᵀA⁻¹x ≈ |x|² / (alpha + n), so n ≈ |x|²/width² − alpha per route
+        evidence = float(np.mean(np.maximum(norm / np.maximum(widths ** 2, 1e-12) - float(self.alpha), 0.0)))
+        strength = float(self.prior_strength)
+        mix = strength / (strength + evidence) if strength > 0 else 0.0
+        out = (1.0 - mix) * probs + mix * shares
+        return out / out.sum()
 
     def _apply_cap(self, probs: np.ndarray, greedy: int, cap: float, decisions: float,
                    explored: float) -> np.ndarray:
@@ -537,12 +576,16 @@ class RouteBandit(BaseEstimator):
     # ------------------------------------------------------------------ learning
 
     def partial_fit(self, contexts: Sequence[Mapping[str, Any]], routes: Sequence[str], rewards: Sequence[float],
-                    propensities: Sequence[float] | None = None) -> RouteBandit:
+                    propensities: Sequence[float] | None = None,
+                    sample_weight: Sequence[float] | None = None) -> RouteBandit:
         """Learn from observed rewards (in [0, 1]) of routes taken in contexts; returns ``self``.
 
         Rewards may arrive late and in any order; each one advances the forgetting clock by one.
         ``propensities`` (the logged probabilities) are validated, and used as importance weights
-        when ``max_importance_weight`` is set.
+        when ``max_importance_weight`` is set. ``sample_weight`` says how many observations each reward
+        is worth (a calibrated LLM judge less than a human label): it scales the reward's weight in the
+        ridge statistics, so the confidence width — and how soon the router trusts a route — follows the
+        weighted number of observations.
         """
         contexts, routes = list(contexts), list(routes)
         rewards_arr = np.asarray(rewards, dtype=float)
@@ -561,6 +604,11 @@ class RouteBandit(BaseEstimator):
                 raise RoutingError("propensities must be one probability in (0, 1] per decision, as logged by choose()")
             if self.max_importance_weight is not None:
                 weights = np.minimum(1.0 / props, float(self.max_importance_weight))
+        if sample_weight is not None:
+            sw = np.asarray(sample_weight, dtype=float)
+            if sw.shape != (n,) or not np.all(np.isfinite(sw)) or np.any(sw < 0):
+                raise RoutingError("sample_weight must be one non-negative number per reward")
+            weights = weights * sw
         with self._mutex:
             state = self._state()
             features = [state["featurizer"].transform_one(c) for c in contexts]  # validate all before changing
@@ -568,7 +616,10 @@ class RouteBandit(BaseEstimator):
             threshold, slack = self.change_threshold, float(self.change_slack)
             touched = set()
             for (idx, val), route, r, w in zip(features, routes, rewards_arr, weights):
+                if w <= 0.0:
+                    continue  # worth nothing: neither learned nor counted on the forgetting clock
                 state["clock"] += 1
+                state["weight"] = state.get("weight", 0.0) + float(w)
                 now = float(state["clock"])
                 k = table.slot(route, now)
                 target = float(r) - prior
@@ -577,7 +628,7 @@ class RouteBandit(BaseEstimator):
                     residual = target - float(table.predict(idx, val, [route], now, lam)[0][0])
                 table.add(k, now, idx, val, target, float(w), lam)
                 if threshold is not None:
-                    since = table.detect(k, now, residual, slack, float(threshold))
+                    since = table.detect(k, now, residual, slack, float(threshold), float(w))
                     if since is not None:
                         table.restart(k, since, lam)
                 touched.add(k)
@@ -602,6 +653,7 @@ class RouteBandit(BaseEstimator):
                 "interactions": [list(p) for p in _pairs(self.interactions)],
                 "alpha": float(self.alpha),
                 "clock": int(state["clock"]),
+                "weight": float(state.get("weight", state["clock"])),
                 "routes": {route: {"A": _encode(table.A[k]), "b": _encode(table.b[k]), "t_ref": float(table.t_A[k]),
                                    "n": float(table.n[k]), "cusum": [float(v) for v in table.cusum[k]],
                                    "recent": [[t, idx.tolist(), val.tolist(), target, weight]
@@ -645,7 +697,8 @@ class RouteBandit(BaseEstimator):
         with self._mutex:
             self.__dict__.pop("_learned", None)
             learned = self._state()
-            learned.update(table=table, departments=departments, clock=clock, rng=rng)
+            learned.update(table=table, departments=departments, clock=clock, rng=rng,
+                           weight=float(state.get("weight", clock)))
         return self
 
 

@@ -5,10 +5,12 @@
 - chooses among the candidates the strategy offers (authorised ∩ healthy ∩ affordable) and reports
   the propensity, which the strategy stamps on the call;
 - learns only from decisions it made: when a call it routed finishes, a ``routing_decisions`` row
-  is written with cost, latency and failure; the reward is computed as soon as the quality is known
-  (reported with the answer, or later through ``platform.feedback(call_id, score)`` /
-  ``mart.learn_from_execution({"call_id": ..., "performance_score": ...})``, joined by call id);
+  is written with cost, latency, failure and the tracked execution the call was made in; then it learns
+  from the call's quality signals (:mod:`tidyllm.signals`: LLM judges, deterministic checks, human
+  feedback, scores given to the execution, failures, provider refusals, regenerations), each exactly
+  once, whenever and in whatever order they arrive, each calibrated and weighted by its source;
   governance refusals never reach it;
+- starts each model group from the gateway config's route ``weight`` (a prior that fades with evidence);
 - saves its state to ``bandit_state`` and restores it at start-up, and every ``refresh_seconds``
   folds in the rewards other processes sharing the mart recorded, so they learn from each other;
 - answers ``mart.get_optimal_config("gateway", context)`` with its preferred route.
@@ -17,19 +19,23 @@
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import logging
 import os
 import threading
 import time
 import uuid
 import weakref
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import sqlalchemy as sa
 
 from tidyllm.errors import RoutingError
-from tidyllm.mart.schema import bandit_state, routing_decisions
+from tidyllm.mart.schema import bandit_state, call_signals, routing_decisions
 from tidyllm.mart.store import utcnow
+from tidyllm.mart.tracking import current_execution_id
 from tidyllm.routing.strategy import Decision
 
 if TYPE_CHECKING:
@@ -39,12 +45,27 @@ if TYPE_CHECKING:
     from tidyllm.records import CallRecord
     from tidyllm.routing.bandit import RouteBandit
     from tidyllm.settings import RoutingSettings
+    from tidyllm.signals.hub import SignalHub
 
-__all__ = ["BanditChooser"]
+__all__ = ["BanditChooser", "WeightedChooser", "execution_of"]
 
 log = logging.getLogger("tidyllm.routing")
 STATE_NAME = "gateway"
 _SAVE_EVERY = 25
+#: prompts remembered for regeneration detection (the most recent ones, per process)
+_PROMPTS_KEPT = 10_000
+
+
+def execution_of(admission: "Admission | None") -> str | None:
+    """The tracked execution an admitted call was made in.
+
+    The admission gate records :func:`tidyllm.mart.tracking.current_execution_id` at admission (in the
+    caller's context) as ``Admission.execution_id``; ``extra["execution_id"]`` and ``context`` are read too."""
+    if admission is None:
+        return None
+    value = getattr(admission, "execution_id", None) or (admission.extra or {}).get("execution_id") \
+        or (admission.context or {}).get("execution_id")
+    return str(value) if value else None
 
 
 class BanditChooser:
@@ -53,11 +74,19 @@ class BanditChooser:
     name = "bandit"
 
     def __init__(self, mart: "TidyMart", bandit: "RouteBandit", settings: "RoutingSettings",
-                 groups: Mapping[str, Sequence[str]] | None = None) -> None:
+                 groups: Mapping[str, Sequence[str]] | None = None, *, signals: "SignalHub | None" = None,
+                 route_weights: Mapping[str, float] | None = None) -> None:
         self.mart = mart
         self.bandit = bandit
         self.settings = settings
         self.groups = {g: list(r) for g, r in (groups or {}).items()}
+        #: route -> ``weight`` from the gateway config: the prior share the router starts from
+        self.route_weights = dict(route_weights or {})
+        self.signals = signals
+        if signals is not None:
+            signals.learner = self
+        # regeneration detection: (user, prompt digest) -> (call id, monotonic time) of the last answer
+        self._recent_prompts: "OrderedDict[tuple[str, str], tuple[str, float]]" = OrderedDict()
         self.instance = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._lock = threading.RLock()
         self._since_save = 0
@@ -79,9 +108,10 @@ class BanditChooser:
                                               for d, c in rs.exploration_share_by_department.items()} or None,
                              random_state=rs.random_state)
         groups = platform.gateway.config.groups() if platform.gateway.config is not None else {}
-        chooser = cls(platform.mart, bandit, rs, {g: [r.name for r in routes] for g, routes in groups.items()})
+        weights = {r.name: float(r.weight) for routes in groups.values() for r in routes}
+        chooser = cls(platform.mart, bandit, rs, {g: [r.name for r in routes] for g, routes in groups.items()},
+                      signals=platform.signals, route_weights=weights)
         platform.governor.add_listener(chooser.on_finish)
-        platform.mart.add_learner(chooser.on_outcome)
         platform.mart.register_optimizer("gateway", chooser.optimal_config)
         return chooser
 
@@ -96,8 +126,9 @@ class BanditChooser:
         for route in candidates:
             if route not in self.groups[group]:
                 self.groups[group].append(route)
+        prior = {r: self.route_weights.get(r, 1.0) for r in candidates} if self.route_weights else None
         with self._lock:
-            choice = self.bandit.choose(dict(context), list(candidates))
+            choice = self.bandit.choose(dict(context), list(candidates), prior=prior)
         return Decision(choice.route, float(choice.propensity), self.name, explored=bool(choice.explored),
                         model_version=int(choice.version), scores=dict(choice.scores))
 
@@ -106,28 +137,15 @@ class BanditChooser:
     def _weights(self, department: str | None) -> Mapping[str, float]:
         return self.settings.weights_by_department.get(department or "", self.settings.weights)
 
-    def _reward(self, department: str | None, quality: float | None, cost: float | None, latency_ms: float | None,
-                failed: bool) -> float | None:
-        from tidyllm.routing.bandit import reward
-
-        if failed:
-            return 0.0
-        if quality is None:
-            return None
-        return reward(quality, cost_usd=max(cost or 0.0, 0.0), latency_s=max((latency_ms or 0.0) / 1000.0, 0.0),
-                      weights=self._weights(department))
-
     def on_finish(self, record: "CallRecord", admission: "Admission | None") -> None:
-        """Governor listener: log the decision of a call this chooser routed, and learn when the reward is known."""
+        """Governor listener: log the decision of a call this chooser routed, then learn its signals."""
         decision = (admission.extra or {}).get("decision") if admission is not None else None
         if not decision or decision.get("policy") != self.name:
             return
         features = dict(decision.get("features") or {})
         cost = self._cost(admission, record)
         failed = not record.ok
-        quality = record.reported_quality if record.ok else None
-        value = self._reward(features.get("department"), quality, cost, record.latency_ms, failed)
-        now = utcnow()
+        execution_id = execution_of(admission)
         with self.mart.store.begin(write=True) as conn:
             conn.execute(routing_decisions.insert().values(
                 id=str(uuid.uuid4()), call_id=admission.call_id, decided_at=_parse(admission.started_at),
@@ -135,11 +153,48 @@ class BanditChooser:
                 model_group=decision.get("group"), context=features, candidates=decision.get("candidates") or [],
                 route=admission.route, propensity=float(decision.get("propensity", 1.0)),
                 explored=bool(decision.get("explored")), policy=self.name,
-                model_version=int(decision.get("model_version", 0)), instance=self.instance, reward=value,
-                quality=quality, cost_usd=cost, latency_ms=record.latency_ms, failed=failed,
-                rewarded_at=now if value is not None else None))
-        if value is not None:
-            self._learn(features, admission.route, value, float(decision.get("propensity", 1.0)))
+                model_version=int(decision.get("model_version", 0)), instance=self.instance, reward=None,
+                quality=None, cost_usd=cost, latency_ms=record.latency_ms, failed=failed, rewarded_at=None,
+                execution_id=execution_id))
+        hub = self.signals
+        if hub is None:
+            return
+        from tidyllm.signals import hub as sources
+
+        call_id = admission.call_id
+        if failed:
+            refused = "ContentPolicy" in (record.error_type or "") or "content_filter" in (record.error_message or "")
+            hub.record(call_id, sources.REFUSAL if refused else sources.FAILURE, 0.0,
+                       1.0 if refused else None, data={"error_type": record.error_type})
+        elif record.reported_quality is not None and hub.settings.provider_quality:
+            hub.record(call_id, sources.PROVIDER, float(record.reported_quality), 1.0)
+        if execution_id:
+            hub.pending_execution(call_id, execution_id)
+        if not failed:
+            self._regeneration(call_id, features, record.messages)
+        self.learn_signals(call_id)  # the signals that arrived before this decision was written
+
+    def _regeneration(self, call_id: str, features: Mapping[str, Any], messages: Any) -> None:
+        """The same user sending the same prompt again soon after: a weak negative for the earlier answer."""
+        hub = self.signals
+        window = hub.settings.regenerate_window_s if hub is not None else 0.0
+        user = features.get("user_id")
+        if hub is None or window <= 0 or not user or messages is None:
+            return
+        try:
+            digest = hashlib.sha256(json.dumps(messages, sort_keys=True, default=str).encode()).hexdigest()
+        except (TypeError, ValueError):
+            return
+        key, now = (str(user), digest), time.monotonic()
+        with self._lock:
+            previous = self._recent_prompts.pop(key, None)
+            self._recent_prompts[key] = (call_id, now)
+            while len(self._recent_prompts) > _PROMPTS_KEPT:
+                self._recent_prompts.popitem(last=False)
+        if previous is not None and previous[0] != call_id and now - previous[1] <= window:
+            from tidyllm.signals.hub import REGENERATE
+
+            hub.record(previous[0], REGENERATE, 0.0, data={"regenerated_by": call_id})
 
     @staticmethod
     def _cost(admission: "Admission", record: "CallRecord") -> float | None:
@@ -148,36 +203,74 @@ class BanditChooser:
         return ((record.prompt_tokens or 0) * admission.input_per_1m
                 + (record.completion_tokens or 0) * (admission.output_per_1m or 0.0)) / 1e6
 
-    def on_outcome(self, outcome: Mapping[str, Any]) -> None:
-        """Mart learner: late quality feedback for a call, joined to its decision by call id."""
-        call_id = outcome.get("call_id")
-        score = outcome.get("performance_score")
-        if not call_id or score is None or outcome.get("module") != "gateway":
-            return
-        # read, then write: a write transaction from the start (a deferred one that read first cannot
-        # take SQLite's write lock once another connection has written, and fails at once as "locked")
-        with self.mart.store.begin(write=True) as conn:
+    def learn_signals(self, call_id: str) -> int:
+        """Learn the signals of ``call_id`` not learned yet (none until its decision is written); returns how many.
+
+        Each signal is claimed with one conditional ``UPDATE`` (``applied_at IS NULL``) before it is learned,
+        so it reaches the bandit exactly once across threads and processes."""
+        hub = self.signals
+        if hub is None:
+            return 0
+        with self.mart.store.begin() as conn:
             row = conn.execute(sa.select(routing_decisions).where(routing_decisions.c.call_id == call_id)
                                .order_by(routing_decisions.c.decided_at.desc())).mappings().first()
-            if row is None or row["failed"]:
-                return
-            context = row["context"] if isinstance(row["context"], dict) else {}
-            value = self._reward(row["department"], float(score), row["cost_usd"], row["latency_ms"], False)
-            first = row["reward"] is None
-            conn.execute(routing_decisions.update().where(routing_decisions.c.id == row["id"]).values(
-                quality=float(score), reward=value, rewarded_at=utcnow()))
-        if first and row["instance"] == self.instance:
-            self._learn(context, row["route"], value, row["propensity"])
-        elif first:
-            self._maybe_refresh(force=True)
-
-    def _learn(self, context: Mapping[str, Any], route: str, value: float, propensity: float) -> None:
+            if row is None:
+                return 0
+            pending = conn.execute(sa.select(call_signals).where(
+                call_signals.c.call_id == call_id, call_signals.c.applied_at.is_(None))).mappings().all()
+        if not pending:
+            return 0
+        context = row["context"] if isinstance(row["context"], dict) else {}
+        learned = []
+        for signal in pending:
+            cal = hub.calibration(signal["source"])
+            weight = cal.weight(float(signal["weight"]))
+            failed = signal["source"] in ("failure", "refusal")
+            quality = 0.0 if failed else cal.apply(float(signal["score"]))
+            value = self._reward(row["department"], quality, row["cost_usd"], row["latency_ms"], failed)
+            now = utcnow()
+            with self.mart.store.begin(write=True) as conn:
+                claimed = conn.execute(call_signals.update().where(
+                    call_signals.c.id == signal["id"], call_signals.c.applied_at.is_(None)).values(
+                    applied_at=now, applied_by=self.instance, quality=quality, reward=value,
+                    data={**(signal["data"] or {}), "learned_weight": weight})).rowcount
+            if claimed:
+                learned.append((value, weight))
+        if not learned:
+            return 0
+        self._summarise(row["id"], call_id)
         with self._lock:
-            self.bandit.partial_fit([dict(context)], [route], [value], propensities=[propensity])
-            self._since_save += 1
+            self.bandit.partial_fit([dict(context)] * len(learned), [row["route"]] * len(learned),
+                                    [v for v, _ in learned], propensities=[row["propensity"]] * len(learned),
+                                    sample_weight=[w for _, w in learned])
+            self._since_save += len(learned)
             due = self._since_save >= _SAVE_EVERY
         if due:
             self.save()
+        return len(learned)
+
+    def _summarise(self, decision_id: str, call_id: str) -> None:
+        """The decision's quality and reward: the weighted mean of its learned signals."""
+        with self.mart.store.begin(write=True) as conn:
+            rows = conn.execute(sa.select(call_signals.c.quality, call_signals.c.reward, call_signals.c.data).where(
+                call_signals.c.call_id == call_id, call_signals.c.applied_at.is_not(None))).all()
+            weights = [float((d or {}).get("learned_weight", 1.0)) for _, _, d in rows]
+            total = sum(weights)
+            if total <= 0:
+                return
+            quality = sum(w * float(q) for (q, _, _), w in zip(rows, weights)) / total
+            reward = sum(w * float(r) for (_, r, _), w in zip(rows, weights)) / total
+            conn.execute(routing_decisions.update().where(routing_decisions.c.id == decision_id).values(
+                quality=quality, reward=reward, rewarded_at=utcnow()))
+
+    def _reward(self, department: str | None, quality: float | None, cost: float | None, latency_ms: float | None,
+                failed: bool) -> float:
+        from tidyllm.routing.bandit import reward
+
+        if failed:
+            return 0.0
+        return reward(float(quality or 0.0), cost_usd=max(cost or 0.0, 0.0),
+                      latency_s=max((latency_ms or 0.0) / 1000.0, 0.0), weights=self._weights(department))
 
     # --- memory -----------------------------------------------------------------------------------
 
@@ -220,22 +313,23 @@ class BanditChooser:
         self._replay(since=self._replayed_until, exclude_self=True)
 
     def _replay(self, since: Any, exclude_self: bool) -> None:
-        """Fold in rewarded decisions recorded since ``since`` (by other processes when ``exclude_self``)."""
-        query = sa.select(routing_decisions.c.context, routing_decisions.c.route, routing_decisions.c.reward,
-                          routing_decisions.c.propensity, routing_decisions.c.rewarded_at).where(
-            routing_decisions.c.reward.is_not(None), routing_decisions.c.policy == self.name)
+        """Fold in the signals learned since ``since`` (by other processes when ``exclude_self``)."""
+        rd, cs = routing_decisions, call_signals
+        query = (sa.select(rd.c.context, rd.c.route, cs.c.reward, rd.c.propensity, cs.c.applied_at, cs.c.data)
+                 .join(rd, rd.c.call_id == cs.c.call_id)
+                 .where(cs.c.applied_at.is_not(None), cs.c.reward.is_not(None), rd.c.policy == self.name))
         if since is not None:
-            query = query.where(routing_decisions.c.rewarded_at > since)
+            query = query.where(cs.c.applied_at > since)
         if exclude_self:
-            query = query.where(sa.or_(routing_decisions.c.instance.is_(None),
-                                       routing_decisions.c.instance != self.instance))
+            query = query.where(sa.or_(cs.c.applied_by.is_(None), cs.c.applied_by != self.instance))
         with self.mart.store.begin() as conn:
-            rows = conn.execute(query.order_by(routing_decisions.c.rewarded_at)).all()
+            rows = conn.execute(query.order_by(cs.c.applied_at)).all()
         if not rows:
             return
         with self._lock:
             self.bandit.partial_fit([r[0] if isinstance(r[0], dict) else {} for r in rows], [r[1] for r in rows],
-                                    [float(r[2]) for r in rows], propensities=[float(r[3]) for r in rows])
+                                    [float(r[2]) for r in rows], propensities=[float(r[3]) for r in rows],
+                                    sample_weight=[float((r[5] or {}).get("learned_weight", 1.0)) for r in rows])
         self._replayed_until = rows[-1][4]
 
     # --- the seed's API ---------------------------------------------------------------------------
@@ -249,12 +343,47 @@ class BanditChooser:
         with self._lock:
             prefs = self.bandit.preferences(dict(context) | {"model_group": group}, routes)
             n = int(getattr(self.bandit, "n_updates_", 0)) if hasattr(self.bandit, "routes_") else 0
+            weighted = float(self.bandit.n_observations_) if n else 0.0
         best = max(prefs, key=prefs.get)
         ranked = sorted(prefs.values(), reverse=True)
         margin = ranked[0] - ranked[1] if len(ranked) > 1 else 1.0
-        return {"parameters": {"preferred_route": best, "model_group": group, "route_scores": prefs},
-                "confidence": round(min(1.0, n / (n + 20.0)) * min(1.0, 0.5 + margin * 5), 4),
-                "samples": n, "source": "bandit"}
+        # confidence grows with the weighted (calibrated) observations, not the raw count of signals
+        return {"preferred_route": best,
+                "parameters": {"preferred_route": best, "model_group": group, "route_scores": prefs},
+                "confidence": round(min(1.0, weighted / (weighted + 20.0)) * min(1.0, 0.5 + margin * 5), 4),
+                "samples": n, "observations": round(weighted, 3), "source": "bandit"}
+
+
+class WeightedChooser:
+    """The non-learning traffic split (``routing.strategy: weighted``): each candidate gets the share of
+    traffic its gateway-config ``weight`` says, among the candidates of the call (authorised, healthy,
+    affordable); the logged propensity is that share."""
+
+    name = "weighted"
+
+    def __init__(self, route_weights: Mapping[str, float], random_state: int | None = None) -> None:
+        import random
+
+        self.route_weights = dict(route_weights)
+        self._rng = random.Random(random_state)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_platform(cls, platform: "Platform") -> "WeightedChooser":
+        """The split over ``platform``'s gateway-config route weights."""
+        config = platform.gateway.config
+        weights = {r.name: float(r.weight) for r in config.routes} if config is not None else {}
+        return cls(weights, platform.settings.routing.random_state)
+
+    def choose(self, context: Mapping[str, Any], group: str, candidates: Sequence[str],
+               prices: Mapping[str, float | None]) -> Decision:
+        if not candidates:
+            raise RoutingError(f"no candidate route for model group {group!r}")
+        weights = [max(self.route_weights.get(r, 1.0), 0.0) for r in candidates]
+        total = sum(weights)
+        with self._lock:
+            pick = self._rng.choices(range(len(candidates)), weights=weights)[0]
+        return Decision(candidates[pick], weights[pick] / total, self.name)
 
 
 def _save_at_exit(ref: "weakref.ref[BanditChooser]") -> None:
