@@ -17,7 +17,7 @@ from tidyllm.errors import ConfigurationError
 from tidyllm.gateway.simulator import Latency, ModelProfile, Simulator
 from tidyllm.mart.tracking import current_execution_id
 from tidyllm.signals import fit_calibration, parse_signals
-from tidyllm.signals.observer import answer_text
+from tidyllm.litellm_bridge.records import answer_text
 
 from govhelpers import sim_router
 

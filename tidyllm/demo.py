@@ -211,7 +211,7 @@ def send(platform: "Platform", router: Any, request: DemoRequest,
     quality the simulator reports with it); ``rater(call_id, answer, request)`` plays a user who rates
     some answers with ``platform.feedback(call_id, score)``."""
     from tidyllm.errors import GovernanceError
-    from tidyllm.governance.context import STAMP_KEY
+    from tidyllm.litellm_bridge.records import answer_text, usage_of
 
     call_id = str(uuid.uuid4())
     metadata: dict[str, Any] = {**request.metadata(), "tidyllm_call_id": call_id}
@@ -222,16 +222,16 @@ def send(platform: "Platform", router: Any, request: DemoRequest,
                                      max_tokens=request.max_tokens, metadata=metadata,
                                      # the simulator scores quality per use case; MLflow forwards body fields
                                      extra_body={"metadata": {"use_case": request.use_case}})
-            # retries get their own call id; the stamp of the attempt that answered names its row
-            stamp = metadata.get(STAMP_KEY)
-            stamp = stamp if isinstance(stamp, Mapping) else {}
-            quality = getattr(resp.usage, "tidyllm_sim_quality", None)
-            step = {"call_id": stamp.get("call_id", call_id), "route": stamp.get("route"),
-                    "tokens": resp.usage.total_tokens, "quality": quality}
+            # retries get their own call id (<id>#<n>): the row of the attempt that answered names its route
+            row = platform.wait_for_call(call_id, last_attempt=True)
+            usage = usage_of(resp)
+            quality = usage.get("tidyllm_sim_quality")
+            step = {"call_id": row["id"], "route": row["route"], "tokens": usage.get("total_tokens"),
+                    "quality": quality}
             tracker.record_step("llm_completion", step)
             tracker.record_result({"route": step["route"], "quality": quality})
         if rater is not None:
-            rater(step["call_id"], resp.choices[0].message.content or "", request)
+            rater(step["call_id"], answer_text(resp), request)
     except GovernanceError as exc:
         return Outcome(request, "refused", call_id, error=type(exc).__name__)
     except Exception as exc:  # noqa: BLE001 - the provider failed on every attempt: count it and go on

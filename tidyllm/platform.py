@@ -135,7 +135,7 @@ class Platform:
             from tidyllm.signals.observer import AnswerObserver
 
             self._observer = AnswerObserver(self.signals)
-            litellm.logging_callback_manager.add_litellm_callback(self._observer)
+            self.governor.add_listener(self._observer)
 
     def _unregister(self) -> None:
         import sys
@@ -147,11 +147,12 @@ class Platform:
         from tidyllm.litellm_bridge.provider import PROVIDER
 
         uninstrument(self.gate)
-        for callback in (self._callbacks, self._observer):
-            if callback is not None:
-                litellm.logging_callback_manager.remove_callback_from_all_lists(callback)
-                if callback in litellm.callbacks:
-                    litellm.callbacks.remove(callback)
+        if self._callbacks is not None:
+            litellm.logging_callback_manager.remove_callback_from_all_lists(self._callbacks)
+            if self._callbacks in litellm.callbacks:
+                litellm.callbacks.remove(self._callbacks)
+        if self._observer is not None:
+            self.governor.remove_listener(self._observer)
         self._observer = None
         litellm.custom_provider_map[:] = [p for p in litellm.custom_provider_map
                                           if p.get("custom_handler") is not self._provider]
@@ -237,11 +238,11 @@ class Platform:
 
     def _judge_call(self, judge: Any, messages: list[dict[str, str]], metadata: dict[str, Any]) -> str:
         """One judge call, governed like any other: through this platform's Router, on the judge's budget."""
-        from tidyllm.signals.observer import answer_text
+        from tidyllm.litellm_bridge.records import answer_text
 
         response = self.router().completion(model=judge.model, messages=messages, metadata=metadata,
                                             max_tokens=judge.max_tokens)
-        return answer_text(response) or ""
+        return answer_text(response)
 
     def _judge_routes(self, judge: Any) -> set[str]:
         config = self.gateway.config

@@ -55,6 +55,8 @@ class CallRecord:
     tool_calls: tuple[tuple[str, str], ...] = ()
     #: the tokens are what a stream delivered before it broke (LiteLLM's recovered partial usage)
     partial: bool = False
+    #: the text of the answer's first choice (for quality checks and judges), when it has one
+    answer: str | None = None
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,7 @@ def from_callback(kwargs: Mapping[str, Any], response_obj: Any, start_time: Any,
         headers=headers,
         tool_calls=tool_calls_of(response_obj) if ok else (),
         partial=partial,
+        answer=(answer_text(response_obj) or None) if ok else None,
     )
 
 
@@ -179,7 +180,7 @@ def from_returned(token: str, call_type: str, started: dt.datetime, outcome: Any
         litellm_cost=None, latency_ms=(ended - started).total_seconds() * 1000.0, started_at=started, ended_at=ended,
         error_type=None if ok else type(outcome).__name__, error_message=None if ok else str(outcome),
         exception=None if ok or not isinstance(outcome, BaseException) else outcome, messages=messages, tools=tools,
-        mock=False, tool_calls=tool_calls_of(outcome) if ok else ())
+        mock=False, tool_calls=tool_calls_of(outcome) if ok else (), answer=(answer_text(outcome) or None) if ok else None)
 
 
 def answer_text(response: Any) -> str:
