@@ -98,6 +98,8 @@ class PlannedCall:
     messages: Sequence[Mapping[str, Any]] = ()
     max_tokens: int = 0
     inputs: Sequence[str] = ()  # embedding inputs
+    #: input tokens known only during the run (e.g. earlier answers a reduce step will read), at most
+    pending_tokens: int = 0
 
     def prompt_tokens(self) -> int:
         """Upper estimate of the input tokens (cl100k_base count x :data:`PROMPT_MARGIN` plus framing)."""
@@ -106,7 +108,7 @@ class PlannedCall:
         if self.inputs:
             return sum(math.ceil(count_tokens(t) * PROMPT_MARGIN) + 1 for t in self.inputs)
         text_tokens = sum(count_tokens(str(m.get("content") or "")) for m in self.messages)
-        return math.ceil(text_tokens * PROMPT_MARGIN) + _FRAME_TOKENS * len(self.messages) + 3
+        return math.ceil((text_tokens + self.pending_tokens) * PROMPT_MARGIN) + _FRAME_TOKENS * len(self.messages) + 3
 
 
 @dataclass(frozen=True)
@@ -353,8 +355,8 @@ def feedback(execution_id: str, score: float, *, platform: "Platform | None" = N
     context = _json_value(row["context"]) or {}
     result = _json_value(row["result"]) or {}
     parameters = dict(result.get("parameters") or {})
-    if result.get("route"):
-        parameters.setdefault("route", result["route"])
+    if result.get("route"):  # the route that served most of the run's calls
+        parameters["route"] = result["route"]
     learned_context = {k: context[k] for k in ("department", "use_case", "data_sensitivity") if k in context}
     return mart.learn_from_execution({"module": row["module"], "operation": row["operation"],
                                       "context": learned_context, "parameters": parameters,
