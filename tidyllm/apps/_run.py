@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from tidyllm.mart.tracking import Tracker
     from tidyllm.platform import Platform
 
-__all__ = ["AppRun", "CallResult", "CostEstimate", "CostLimitError", "PlannedCall", "CONTEXT_KEYS", "feedback",
+__all__ = ["AppRun", "Batch", "CallResult", "CostEstimate", "CostLimitError", "PlannedCall", "CONTEXT_KEYS", "feedback",
            "resolve_platform", "split_context", "parse_json_object"]
 
 #: caller context every sub-call carries (the governed call's metadata)
@@ -330,6 +330,32 @@ class AppRun:
         vectors = tuple(tuple(float(x) for x in item["embedding"]) for item in
                         sorted(resp.data, key=lambda d: d["index"]))
         return self._settle(metadata, call_id, purpose, "", vectors)
+
+
+class Batch:
+    """Runs items while their committed worst case fits the run's allowance; remembers why it stopped."""
+
+    def __init__(self, run: AppRun, est: CostEstimate, unit: str, total: int) -> None:
+        self.run, self.est, self.unit, self.total = run, est, unit, total
+        limit = run.allowance()
+        self.limit = limit
+        self.committed = 0.0
+        self.done = 0
+        self.stopped: str | None = None
+
+    def admit(self, worst_usd: float) -> bool:
+        """Whether an item costing at most ``worst_usd`` still fits; records the stop when it does not."""
+        if self.limit is not None and self.committed + worst_usd > self.limit[1] + 1e-12:
+            self.stopped = (f"stopped after {self.done} of {self.total} {self.unit}s: the next one may cost "
+                            f"${worst_usd:.6f} and {self.limit[0]} has ${self.limit[1] - self.committed:.6f} left "
+                            f"uncommitted; raise it (or --max-cost) and run the rest")
+            return False
+        self.committed += worst_usd
+        return True
+
+    def refused(self, exc: Exception) -> None:
+        """Governance refused a call for budget: stop here with its message."""
+        self.stopped = f"stopped after {self.done} of {self.total} {self.unit}s: {str(exc).splitlines()[0]}"
 
 
 # --- feedback -------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from tidyllm.apps._run import AppRun, CostEstimate, PlannedCall, parse_json_object
+from tidyllm.apps._run import AppRun, Batch, CostEstimate, PlannedCall, parse_json_object
 from tidyllm.apps.documents import Chunk, Document, chunk_document, count_tokens, read_documents
 from tidyllm.errors import ConfigurationError
 
@@ -98,32 +98,6 @@ def _doc_text(doc: Document, max_input_tokens: int) -> str:
     return "\n".join(out)
 
 
-class _Batch:
-    """Runs items while their committed worst case fits the run's allowance; remembers why it stopped."""
-
-    def __init__(self, run: AppRun, est: CostEstimate, unit: str, total: int) -> None:
-        self.run, self.est, self.unit, self.total = run, est, unit, total
-        limit = run.allowance()
-        self.limit = limit
-        self.committed = 0.0
-        self.done = 0
-        self.stopped: str | None = None
-
-    def admit(self, worst_usd: float) -> bool:
-        """Whether an item costing at most ``worst_usd`` still fits; records the stop when it does not."""
-        if self.limit is not None and self.committed + worst_usd > self.limit[1] + 1e-12:
-            self.stopped = (f"stopped after {self.done} of {self.total} {self.unit}s: the next one may cost "
-                            f"${worst_usd:.6f} and {self.limit[0]} has ${self.limit[1] - self.committed:.6f} left "
-                            f"uncommitted; raise it (or --max-cost) and run the rest")
-            return False
-        self.committed += worst_usd
-        return True
-
-    def refused(self, exc: Exception) -> None:
-        """Governance refused a call for budget: stop here with its message."""
-        self.stopped = f"stopped after {self.done} of {self.total} {self.unit}s: {str(exc).splitlines()[0]}"
-
-
 def extract(documents: Documents, schema: "Mapping[str, Any] | type", *, model: str = "chat",
             max_tokens: int = 300, max_input_tokens: int = 6000, max_cost: float | None = None,
             platform: "Platform | None" = None, **caller: Any) -> "pd.DataFrame":
@@ -148,7 +122,7 @@ def extract(documents: Documents, schema: "Mapping[str, Any] | type", *, model: 
     est = run.plan([PlannedCall(model, p, max_tokens) for p in prompts], partial=True)
     rows = []
     with run:
-        batch = _Batch(run, est, "document", len(docs))
+        batch = Batch(run, est, "document", len(docs))
         for doc, prompt, worst in zip(docs, prompts, est.per_call_usd):
             if not batch.admit(worst):
                 break
@@ -230,7 +204,7 @@ def summarise(documents: Documents, *, model: str = "chat", chunk_tokens: int = 
     parts: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
     with run:
-        batch = _Batch(run, est, "document", len(docs))
+        batch = Batch(run, est, "document", len(docs))
         worst = iter(est.per_call_usd)
         try:
             for doc, chunks in work:

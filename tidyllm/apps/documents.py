@@ -113,15 +113,18 @@ class Document:
         """The section paths in document order."""
         return list(dict.fromkeys(b.section for b in self.blocks))
 
-    def find(self, quote: str) -> Block | None:
-        """The first paragraph containing ``quote`` verbatim (after :func:`normalise`), else None."""
+    def find(self, quote: str, near: "tuple[int, int] | None" = None) -> Block | None:
+        """The paragraph containing ``quote`` verbatim (after :func:`normalise`), else None: the first one in
+        the paragraph range ``near`` (first, last) when it is there, else the first in the document."""
         needle = normalise(quote)
         if not needle:
             return None
-        for block in self.blocks:
-            if needle in normalise(block.text):
-                return block
-        return None
+        hits = [b for b in self.blocks if needle in normalise(b.text)]
+        if near is not None:
+            for block in hits:
+                if near[0] <= block.paragraph <= near[1]:
+                    return block
+        return hits[0] if hits else None
 
 
 @dataclass(frozen=True)

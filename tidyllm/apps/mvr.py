@@ -232,7 +232,7 @@ def _finding(item: ChecklistItem, chunk: Chunk, document: Document, answer: str)
                 "location": chunk.location, "status": "unparseable answer"}
     severity = str(parsed.get("severity", "")).strip().lower()
     evidence = str(parsed.get("evidence") or "").strip().strip('"')
-    block = document.find(evidence) if evidence else None
+    block = document.find(evidence, near=(chunk.first_paragraph, chunk.last_paragraph)) if evidence else None
     if block is not None:
         status = "ok"
         row.update(location=block.location(document.name), page=block.page, section=block.section)
