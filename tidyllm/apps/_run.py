@@ -14,6 +14,7 @@ application's own history (``learn_from_execution``), which ``get_optimal_config
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import uuid
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AppRun", "Batch", "CallResult", "CostEstimate", "CostLimitError", "PlannedCall", "CONTEXT_KEYS", "feedback",
            "resolve_platform", "split_context", "parse_json_object"]
+
+log = logging.getLogger("tidyllm.apps")
 
 #: caller context every sub-call carries (the governed call's metadata)
 CONTEXT_KEYS = ("user_id", "department", "audit_reason", "use_case", "data_sensitivity")
@@ -221,6 +224,7 @@ class AppRun:
         of the batch may run."""
         est = estimate(self.platform, self.app, planned)
         self.estimate = est
+        log.info("estimate: %s", est)
         limit = self.allowance()
         need = est.per_call_usd[0] if (partial and est.per_call_usd) else est.total_usd
         if limit is not None and need > limit[1] + 1e-12:
@@ -349,6 +353,7 @@ class Batch:
             self.stopped = (f"stopped after {self.done} of {self.total} {self.unit}s: the next one may cost "
                             f"${worst_usd:.6f} and {self.limit[0]} has ${self.limit[1] - self.committed:.6f} left "
                             f"uncommitted; raise it (or --max-cost) and run the rest")
+            log.warning("%s: %s", self.run.app, self.stopped)
             return False
         self.committed += worst_usd
         return True
@@ -356,6 +361,7 @@ class Batch:
     def refused(self, exc: Exception) -> None:
         """Governance refused a call for budget: stop here with its message."""
         self.stopped = f"stopped after {self.done} of {self.total} {self.unit}s: {str(exc).splitlines()[0]}"
+        log.warning("%s: %s", self.run.app, self.stopped)
 
 
 # --- feedback -------------------------------------------------------------------------------------------

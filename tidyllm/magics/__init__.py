@@ -26,13 +26,23 @@ __all__ = ["LLMMagics", "LLMResult", "Receipt", "load_ipython_extension", "unloa
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """Register :class:`LLMMagics` with ``ipython`` (configured from ``c.LLMMagics.*``)."""
+    """Register :class:`LLMMagics` with ``ipython`` (configured from ``c.LLMMagics.*``), and the applications'
+    magics (:mod:`tidyllm.magics._apps`: ``%mvr_review``, ``%ask``, ``%extract``, ``%summarise``, ``%rag``)."""
+    from tidyllm.magics._apps import AppMagics
+
     ipython.register_magics(LLMMagics(shell=ipython))
+    ipython.register_magics(AppMagics(shell=ipython))
 
 
 def unload_ipython_extension(ipython: Any) -> None:
     """Remove the magics ``load_ipython_extension`` registered (the installed platform stays)."""
+    from tidyllm.magics._apps import AppMagics
+
     manager = ipython.magics_manager
+    manager.registry.pop(AppMagics.__name__, None)
+    for kind, names in AppMagics.magics.items():
+        for name in names:
+            manager.magics[kind].pop(name, None)
     instance = manager.registry.pop(LLMMagics.__name__, None)
     for kind, names in LLMMagics.magics.items():
         for name in names:
