@@ -44,7 +44,7 @@ _EXPORTS = {
     "RagAnswer": "tidyllm.apps.rag",
 }
 
-__all__ = sorted([*_EXPORTS, "sample_path", "samples_dir"])
+__all__ = sorted([*_EXPORTS, "sample_path", "samples_dir", "simulator_answers", "simulator_profiles"])
 
 
 def samples_dir() -> Path:
@@ -61,6 +61,31 @@ def sample_path(name: str) -> Path:
         names = sorted(p.name for p in samples_dir().iterdir())
         raise ConfigurationError(f"no bundled sample {name!r}; there are {', '.join(names)}")
     return path
+
+
+def simulator_answers() -> list[dict[str, Any]]:
+    """The scripted simulator answers for the sample documents (``apps/data/simulator_answers.yaml``)."""
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).with_name("data") / "simulator_answers.yaml").read_text(encoding="utf-8"))
+    return list(data["answers"])
+
+
+def simulator_profiles(latency: bool = True) -> dict[str, Any]:
+    """The bundled provider-simulator profiles with :func:`simulator_answers` on every chat model (for the
+    applications' notebook and demos: the simulator stands in for real providers). ``latency=False`` answers
+    at once."""
+    import yaml
+
+    from tidyllm.gateway.simulator import bundled_profiles_path, parse_profiles
+
+    data = yaml.safe_load(bundled_profiles_path().read_text(encoding="utf-8"))
+    for spec in data["models"].values():
+        if spec.get("kind", "chat") == "chat":
+            spec["answers"] = simulator_answers()
+        if not latency:
+            spec["latency"] = {"base_ms": 0}
+    return parse_profiles(data)
 
 
 def __getattr__(name: str) -> Any:

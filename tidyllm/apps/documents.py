@@ -270,10 +270,11 @@ def _read_docx(path: Path) -> list[Block]:
     import zipfile
 
     import docx
+    from docx.opc.exceptions import PackageNotFoundError
 
     try:
         document = docx.Document(str(path))
-    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+    except (zipfile.BadZipFile, KeyError, ValueError, PackageNotFoundError) as exc:
         raise DocumentError(f"{path.name}: not a readable DOCX file ({exc}); an encrypted or old .doc file must be "
                             "saved as .docx without a password first") from None
     builder = _Builder()
