@@ -35,8 +35,9 @@ log = logging.getLogger("tidyllm.apps")
 
 #: caller context every sub-call carries (the governed call's metadata)
 CONTEXT_KEYS = ("user_id", "department", "audit_reason", "use_case", "data_sensitivity")
-#: estimated prompt tokens = this factor x the cl100k_base count of the messages, plus framing
-PROMPT_MARGIN = 1.15
+#: estimated input tokens of a text: the larger of its cl100k_base count and its characters / 4 (the usual
+#: rule of thumb, higher for text with long words that other tokenizers split finely), times this margin
+PROMPT_MARGIN = 1.1
 _FRAME_TOKENS = 4  # per message, as chat formats add
 
 
@@ -105,13 +106,18 @@ class PlannedCall:
     pending_tokens: int = 0
 
     def prompt_tokens(self) -> int:
-        """Upper estimate of the input tokens (cl100k_base count x :data:`PROMPT_MARGIN` plus framing)."""
-        from tidyllm.apps.documents import count_tokens
-
+        """Upper estimate of the input tokens (:func:`text_tokens` of each text, plus framing)."""
         if self.inputs:
-            return sum(math.ceil(count_tokens(t) * PROMPT_MARGIN) + 1 for t in self.inputs)
-        text_tokens = sum(count_tokens(str(m.get("content") or "")) for m in self.messages)
-        return math.ceil((text_tokens + self.pending_tokens) * PROMPT_MARGIN) + _FRAME_TOKENS * len(self.messages) + 3
+            return sum(text_tokens(t) + 1 for t in self.inputs)
+        body = sum(text_tokens(str(m.get("content") or "")) for m in self.messages)
+        return body + math.ceil(self.pending_tokens * PROMPT_MARGIN) + _FRAME_TOKENS * len(self.messages) + 3
+
+
+def text_tokens(text: str) -> int:
+    """Upper estimate of the tokens a provider counts for ``text`` (see :data:`PROMPT_MARGIN`)."""
+    from tidyllm.apps.documents import count_tokens
+
+    return math.ceil(max(count_tokens(text), len(text) / 4.0) * PROMPT_MARGIN)
 
 
 @dataclass(frozen=True)

@@ -177,8 +177,8 @@ def _tag(chunk: Chunk) -> str:
     return chunk.location.split(", ", 1)[1] if ", " in chunk.location else chunk.location
 
 
-def summarise(documents: Documents, *, model: str = "chat", chunk_tokens: int = 1500, max_tokens: int = 150,
-              reduce_max_tokens: int = 400, max_cost: float | None = None, platform: "Platform | None" = None,
+def summarise(documents: Documents, *, model: str = "chat", chunk_tokens: int = 1500, max_tokens: int = 100,
+              reduce_max_tokens: int = 300, max_cost: float | None = None, platform: "Platform | None" = None,
               **caller: Any) -> Summary:
     """Map-reduce summaries of ``documents``: each chunk, then each document from its chunks' summaries
     (a one-chunk document's summary is its chunk's). Batches stop cleanly at the budget (module doc)."""
