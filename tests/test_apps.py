@@ -351,8 +351,8 @@ def test_magics_run_the_applications(stack: LocalStack, ip: Any, capsys: pytest.
     assert list(small.findings["evidence"])[0] == "Development data came from the servicing system."
     answer = ip.run_line_magic("ask", "--route chat-small --route chat-claude What is 6 times 7?")
     assert isinstance(answer, Answer) and answer.answer == "42"
-    frame = ip.run_line_magic("extract", f"--schema SCHEMA -m chat-small {apps.sample_path('policies')}") \
-        if ip.user_ns.update(SCHEMA=SCHEMA) is None else None
+    ip.user_ns["SCHEMA"] = SCHEMA  # --schema names a notebook variable (or a JSON schema file)
+    frame = ip.run_line_magic("extract", f"--schema SCHEMA -m chat-small {apps.sample_path('policies')}")
     assert len(frame) == 5 and frame["valid"].all()
     with pytest.raises(UsageError, match=r"more than --max-cost \$0\.000001 allows"):
         ip.run_line_magic("mvr_review", f"{apps.sample_path('mvr_rm_pd_v3.pdf')} --max-cost 0.000001")
