@@ -5,13 +5,17 @@ One interface, two dialects. The chunk rows (``rag_indexes``, ``rag_chunks``, de
 ``add()`` that fails leaves nothing half-written. The vectors live in a table per index
 (``rag_vec_<hash>``), created on first use with the embedding's dimensions:
 
-- SQLite: a ``vec0`` virtual table of `sqlite-vec <https://github.com/asg017/sqlite-vec>`_
-  (``float[N]``, cosine distance), keyed by ``rag_chunks.id``. Loading the extension needs a ``sqlite3``
-  module that allows it: Python's own when it was built with loadable extensions, else ``pysqlite3``
-  (``pysqlite3-binary``, part of the ``apps`` extra on Linux).
-- PostgreSQL: ``vector(N)`` of `pgvector <https://github.com/pgvector/pgvector>`_ with an HNSW index
-  (``vector_cosine_ops``); the store runs ``CREATE EXTENSION IF NOT EXISTS vector`` (the extension must be
-  installed on the server: Debian/Ubuntu ``postgresql-NN-pgvector``).
+- PostgreSQL: in the mart's database, ``vector(N)`` of `pgvector <https://github.com/pgvector/pgvector>`_
+  with an HNSW index (``vector_cosine_ops``); the store runs ``CREATE EXTENSION IF NOT EXISTS vector`` (the
+  extension must be installed on the server: Debian/Ubuntu ``postgresql-NN-pgvector``).
+- SQLite: a ``vec0`` virtual table of `sqlite-vec <https://github.com/asg017/sqlite-vec>`_ (``float[N]``,
+  cosine distance), keyed by ``rag_chunks.id``, in a file of its own beside the mart: ``mart.db`` ->
+  ``mart.vectors.db`` (with the same ``rag_indexes`` / ``rag_chunks`` tables). Loading the extension needs a
+  ``sqlite3`` module that allows it: Python's own when it was built with loadable extensions, else
+  ``pysqlite3`` (``pysqlite3-binary``, in the ``apps`` extra on Linux). That can be a second copy of the
+  SQLite library in the process, and two copies must never open the same file: POSIX locks are per process,
+  so neither copy would see the other's locks (https://www.sqlite.org/howtocorrupt.html, section 2.2). The
+  mart's file stays with SQLAlchemy's ``sqlite3``; the vector file only ever with this store's.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 from tidyllm.errors import ConfigurationError, StorageError
 
-__all__ = ["VectorStore", "open_store", "vector_table_name"]
+__all__ = ["VectorStore", "open_store", "vector_table_name", "vectors_path"]
 
 _CHUNK_COLUMNS = ("index_name", "document", "chunk_key", "location", "section", "page", "text", "text_hash",
                   "tokens", "call_id", "execution_id", "embedded_at")
@@ -162,6 +166,13 @@ class VectorStore(ABC):
         names = ("id", "document", "location", "section", "page", "text", "call_id")
         return {int(r[0]): dict(zip(names, r)) for r in cur.fetchall()}
 
+    def rows(self, index: str) -> list[dict[str, Any]]:
+        """Every ``rag_chunks`` row of the index, in id order."""
+        cur = self.conn.cursor()
+        cur.execute(self._sql("SELECT * FROM rag_chunks WHERE index_name = ? ORDER BY id"), (index,))
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
     def drop(self, index: str, table: str) -> None:
         """Delete the index, its chunks and its vector table."""
         self.conn.cursor().execute(f'DROP TABLE IF EXISTS "{table}"')
@@ -246,8 +257,30 @@ class PgVectors(VectorStore):
         return [(int(c), float(d)) for c, d in cur.fetchall()]
 
 
+def vectors_path(database: str) -> str:
+    """The SQLite vector file beside the mart file ``database`` (``mart.db`` -> ``mart.vectors.db``)."""
+    from pathlib import Path
+
+    path = Path(database)
+    if path.name.endswith(".vectors.db"):
+        return str(path)
+    return str(path.with_name(path.stem + ".vectors.db"))
+
+
+def _sqlite_schema(conn: Any) -> None:
+    """The mart's ``rag_indexes`` / ``rag_chunks`` tables, declared in schema.py, in the vector file."""
+    from sqlalchemy.dialects import sqlite
+    from sqlalchemy.schema import CreateTable
+
+    from tidyllm.mart.schema import rag_chunks, rag_indexes
+
+    with conn:
+        for table in (rag_indexes, rag_chunks):
+            conn.execute(str(CreateTable(table, if_not_exists=True).compile(dialect=sqlite.dialect())))
+
+
 def open_store(url: str) -> VectorStore:
-    """A vector store on the database at SQLAlchemy ``url`` (its mart schema must be current)."""
+    """The vector store for the mart at SQLAlchemy ``url`` (PostgreSQL: its schema must be current)."""
     import sqlalchemy as sa
 
     parsed = sa.engine.make_url(url)
@@ -256,16 +289,19 @@ def open_store(url: str) -> VectorStore:
         if not parsed.database or parsed.database == ":memory:":
             raise ConfigurationError("a RAG index needs a SQLite file (database_url sqlite:///path.db), not memory")
         module = _sqlite_module()
+        path = vectors_path(parsed.database)
         try:
-            conn = module.connect(parsed.database, timeout=30.0, isolation_level="DEFERRED")
+            conn = module.connect(path, timeout=30.0, isolation_level="DEFERRED")
             conn.enable_load_extension(True)
             import sqlite_vec
 
             sqlite_vec.load(conn)
             conn.enable_load_extension(False)
             conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA journal_mode = WAL")
+            _sqlite_schema(conn)
         except module.Error as exc:
-            raise StorageError(f"cannot open the vector store in {parsed.database}: {exc}") from None
+            raise StorageError(f"cannot open the vector store {path}: {exc}") from None
         return SqliteVectors(conn)
     if backend == "postgresql":
         import psycopg

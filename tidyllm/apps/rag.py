@@ -87,7 +87,8 @@ class Index:
     """A named retrieval index (see the module doc). ``caller`` is the caller context of its calls.
 
     ``model`` is the gateway's embedding route or group (fixed per index); ``store`` the database URL of the
-    vector store (default: the platform's mart)."""
+    vector store (default: the platform's mart; on SQLite the vectors go to ``<mart>.vectors.db`` beside it,
+    see :mod:`tidyllm.apps._vectors`)."""
 
     def __init__(self, name: str, *, model: str = "embed", chunk_tokens: int = 400, store: str | None = None,
                  platform: "Platform | None" = None, **caller: Any) -> None:
@@ -99,10 +100,10 @@ class Index:
         self.platform = resolve_platform(platform)
         self.caller = split_context({"use_case": "rag", **caller})
         self.url = store or self.platform.mart.url
-        if store is not None and store != self.platform.mart.url:
+        if store is not None and store != self.platform.mart.url and not store.startswith("sqlite"):
             from tidyllm.mart import TidyMart
 
-            TidyMart(store).close()  # create or upgrade the schema of a separate store
+            TidyMart(store).close()  # create or upgrade the schema of a separate PostgreSQL store
         self._store: VectorStore | None = None
 
     def __repr__(self) -> str:
@@ -189,6 +190,12 @@ class Index:
     def documents(self) -> list[str]:
         """Names of the documents in the index."""
         return self.store.documents(self.name)
+
+    def chunks(self) -> "pd.DataFrame":
+        """The index's ``rag_chunks`` rows (on SQLite they are in the vector file, not the mart)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.store.rows(self.name))
 
     def drop(self) -> None:
         """Delete the index: its chunks, its vectors and its row."""
