@@ -99,10 +99,11 @@ def _doc_text(doc: Document, max_input_tokens: int) -> str:
 
 
 def extract(documents: Documents, schema: "Mapping[str, Any] | type", *, model: str = "chat",
-            max_tokens: int = 300, max_input_tokens: int = 6000, max_cost: float | None = None,
+            max_tokens: int | None = None, max_input_tokens: int = 6000, max_cost: float | None = None,
             platform: "Platform | None" = None, **caller: Any) -> "pd.DataFrame":
     """Extract ``schema``'s fields from each document: one row per document (see the module doc).
 
+    ``max_tokens`` defaults to 40 plus 30 per field (an answer's worst case is part of the estimate).
     ``attrs`` of the result: ``execution_id``, ``estimate`` (:class:`~tidyllm.apps.CostEstimate`),
     ``actual_usd``, ``stopped`` (None, or why the batch stopped early)."""
     import pandas as pd
@@ -112,6 +113,8 @@ def extract(documents: Documents, schema: "Mapping[str, Any] | type", *, model: 
     docs = read_documents(documents)
     json_schema, validate = schema_of(schema)
     fields = list(json_schema["properties"])
+    if max_tokens is None:
+        max_tokens = min(1000, 40 + 30 * len(fields))
     schema_text = json.dumps(json_schema, sort_keys=True)
     prompts = [[{"role": "user", "content": EXTRACT_PROMPT.format(schema=schema_text, name=d.name,
                                                                   text=_doc_text(d, max_input_tokens))}]
