@@ -165,3 +165,21 @@ def test_importing_the_apps_package_stays_light() -> None:
             "assert not heavy, heavy")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
+
+
+def test_a_finding_is_kept_and_flagged_whatever_the_model_answers() -> None:
+    from tidyllm.apps.mvr import _finding
+
+    doc = read_document(sample_path("policies") / "credit_limit_policy.txt")
+    chunk = chunk_document(doc, 400)[2]
+    item = load_checklist().items[0]
+    quote = "The single-obligor exposure limit is 7.5 percent of Tier 1 capital."
+    ok = _finding(item, chunk, doc, f'{{"severity": "high", "finding": "f", "evidence": "{quote}"}}')
+    assert ok["status"] == "ok" and ok["evidence_found"] and ok["location"] == "credit_limit_policy.txt, §2. Concentration limits, ¶3"
+    made_up = _finding(item, chunk, doc, '{"severity": "low", "finding": "f", "evidence": "The limit is 9 percent."}')
+    assert made_up["status"] == "quote not found" and not made_up["evidence_found"]
+    assert made_up["evidence"] == "The limit is 9 percent." and made_up["location"] == chunk.location
+    odd = _finding(item, chunk, doc, f'{{"severity": "severe", "finding": "f", "evidence": "{quote}"}}')
+    assert odd["status"] == "unknown severity 'severe'" and odd["severity"] is None
+    prose = _finding(item, chunk, doc, "I think the section is fine.")
+    assert prose["status"] == "unparseable answer" and prose["finding"] == "I think the section is fine."

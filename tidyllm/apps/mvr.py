@@ -239,10 +239,11 @@ def _finding(item: ChecklistItem, chunk: Chunk, document: Document, answer: str)
     else:
         status = "quote not found" if evidence else "no evidence"
         row["location"] = chunk.location
+    if severity not in SEVERITIES and status == "ok":
+        status = f"unknown severity {severity!r}"  # flagged too: a reviewer must set it
     return {**row, "severity": severity if severity in SEVERITIES else None,
             "finding": str(parsed.get("finding") or "").strip(), "evidence": evidence,
-            "evidence_found": block is not None, "status": status if severity in SEVERITIES else
-            f"{status}; unknown severity {severity!r}" if status == "ok" else status}
+            "evidence_found": block is not None, "status": status}
 
 
 def mvr_review(document: "str | Path | Document", checklist: "str | Path | Mapping[str, Any] | Checklist | None" = None,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from tidyllm.apps._run import AppRun, CallResult, CostEstimate, PlannedCall, route_prices
-from tidyllm.apps.documents import Document, chunk_document
+from tidyllm.apps.documents import Document, count_tokens
 from tidyllm.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -78,9 +78,15 @@ class Answer:
 def _context_text(context: "str | Document | None", limit_tokens: int) -> str:
     if context is None:
         return ""
-    if isinstance(context, Document):
-        chunks = chunk_document(context, limit_tokens)
-        return "\n\n".join(f"[{c.location}]\n{c.text}" for c in chunks[:1])
+    if isinstance(context, Document):  # whole paragraphs, in order, up to the limit
+        out, used = [], 0
+        for block in context.blocks:
+            tokens = count_tokens(block.text) + 1
+            if out and used + tokens > limit_tokens:
+                break
+            out.append(block.text)
+            used += tokens
+        return "\n".join(out)
     if not isinstance(context, str):
         raise ConfigurationError(f"context must be text or a Document, got {type(context).__name__}")
     return context
