@@ -32,7 +32,7 @@ def kernel_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str
 
 
 def test_every_notebook_is_found() -> None:
-    assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "analysis.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "analysis.ipynb", "applications.ipynb"}
 
 
 def _outputs(nb: Any) -> list[tuple[int, dict[str, Any]]]:
@@ -67,6 +67,13 @@ def test_notebook_runs_without_errors(path: Path, tmp_path: Path, kernel_env: di
         assert "department finance: " in text and "department risk: " in text
         assert "UsageError: over budget: department 'marketing' has $0.00 left of $0.00 this month" in text
         assert "UsageError: not authorised: rule '" in text
+        assert "audit chain verified" in text
+    if path.stem == "applications":
+        assert "mvr_review: 12 call(s)" in text and "flagged findings: 0" in text
+        assert "more than --max-cost $0.010000 allows" in text  # refused up front
+        assert "stopped after " in text and "department 'interns' (month) budget" in text
+        assert "The single-obligor exposure limit is 7.5 percent of Tier 1 capital [1]." in text
+        assert "'route': 'chat-small'" in text and "'chunk_tokens': 800" in text  # the optimal config
         assert "audit chain verified" in text
     if path.stem == "analysis":
         assert "audit chain verified" in text and "audit chain BROKEN at row seq=10" in text

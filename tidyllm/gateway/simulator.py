@@ -90,6 +90,15 @@ Profiles file (YAML; every key optional except ``models``)::
         judge: {noise: 0.15, bias: {sim-gpt-small: 0.1}}   # makes this a simulated LLM JUDGE (see below)
         stream_failure_rate: 0.0         # probability a streamed answer is cut midway
         embedding_dim: 256               # length of embedding vectors
+        answers:                         # scripted answers instead of filler words (first match wins)
+          - match: 'capital ratio'       # a regular expression searched in the messages' text
+            reply: 'Answer: 12.5%'       # the answer; ${name} is the regex's named group (escape: json
+          - match: '(?s)quote: (?P<q>[^\n]+)'  # puts it inside a JSON string); a list of replies is
+            reply: ['{"evidence": "${q}"}', 'no idea']   # served in turn (request k gets reply k mod n)
+            escape: json
+
+Scripted answers stand in for what a real model would say, so applications can be tested end to end:
+an answer is still cut at ``max_tokens`` (``finish_reason: "length"``) and costs its :func:`count_tokens`.
 
 Judges: a model with ``judge`` is a simulated LLM judge. Asked to score an answer (the text between
 ``[ANSWER]`` and ``[SCORE]`` in its prompt, as :func:`tidyllm.signals.hub.judge_messages` writes it, or a
@@ -142,6 +151,7 @@ __all__ = [
     "Latency",
     "OutputTokens",
     "Window",
+    "AnswerRule",
     "load_profiles",
     "parse_profiles",
     "bundled_profiles_path",
@@ -261,6 +271,61 @@ class Window:
 
 
 @dataclass(frozen=True)
+class AnswerRule:
+    """A scripted answer: when ``match`` (a regular expression) is found in a request's messages, answer
+    ``replies[k % len(replies)]`` for the model's request number ``k``, with ``${name}`` replaced by the
+    match's named groups (JSON-string-escaped when ``escape == "json"``)."""
+
+    match: str
+    replies: tuple[str, ...]
+    escape: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.match, str) or not self.match:
+            raise ConfigurationError(f"answers: 'match' must be a non-empty regular expression, got {self.match!r}")
+        try:
+            re.compile(self.match)
+        except re.error as exc:
+            raise ConfigurationError(f"answers: 'match' {self.match!r} is not a valid regular expression: {exc}") from None
+        if not self.replies or not all(isinstance(r, str) for r in self.replies):
+            raise ConfigurationError(f"answers: 'reply' must be a string or a non-empty list of strings, "
+                                     f"got {self.replies!r}")
+        if self.escape not in (None, "json"):
+            raise ConfigurationError(f"answers: 'escape' must be 'json' or absent, got {self.escape!r}")
+
+    def answer(self, text: str, index: int) -> str | None:
+        """The reply for request ``index`` when the rule matches ``text``, else None."""
+        from string import Template
+
+        m = re.search(self.match, text)
+        if m is None:
+            return None
+        groups = {k: (v or "") for k, v in m.groupdict().items()}
+        if self.escape == "json":
+            groups = {k: json.dumps(v)[1:-1] for k, v in groups.items()}
+        return Template(self.replies[index % len(self.replies)]).safe_substitute(groups)
+
+
+def _answer_rule(spec: Any) -> AnswerRule:
+    if not isinstance(spec, Mapping) or "match" not in spec or "reply" not in spec or \
+            set(spec) - {"match", "reply", "escape"}:
+        raise ConfigurationError(f"answers: each entry needs 'match' and 'reply' (optional: escape), got {spec!r}")
+    reply = spec["reply"]
+    return AnswerRule(spec["match"], (reply,) if isinstance(reply, str) else tuple(reply or ()), spec.get("escape"))
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` up to the last whole token that keeps it within ``limit`` tokens."""
+    used, end = 0, 0
+    for m in _TOKEN_RE.finditer(text):
+        cost = 1 + (len(m.group()) - 1) // 6
+        if used + cost > limit:
+            break
+        used, end = used + cost, m.end()
+    return text[:end]
+
+
+@dataclass(frozen=True)
 class ModelProfile:
     """How one simulated model behaves; see the module docstring for every field's meaning."""
 
@@ -279,6 +344,7 @@ class ModelProfile:
     embedding_dim: int = 256
     #: a simulated LLM judge: {noise: σ, bias: {model: b, default: b}} (None: an ordinary model)
     judge: Mapping[str, Any] | None = None
+    answers: tuple[AnswerRule, ...] = ()
 
     def __post_init__(self) -> None:
         owner = f"model {self.name!r}"
@@ -313,6 +379,7 @@ class ModelProfile:
         object.__setattr__(self, "quality", MappingProxyType(dict(self.quality)))
         object.__setattr__(self, "rate_limits", tuple(self.rate_limits))
         object.__setattr__(self, "outages", tuple(self.outages))
+        object.__setattr__(self, "answers", tuple(self.answers))
 
     def quality_for(self, use_case: str | None) -> float:
         """The profile's quality for ``use_case``: its own entry, else ``default``, else the mean."""
@@ -374,6 +441,10 @@ def _profile(name: str, spec: Any) -> ModelProfile:
                 if not isinstance(kw[key], list):
                     raise ConfigurationError(f"field {key!r} must be a list of windows, got {kw[key]!r}")
                 kw[key] = tuple(_window(f"field {key!r}", w) for w in kw[key])
+        if "answers" in kw:
+            if not isinstance(kw["answers"], list):
+                raise ConfigurationError(f"field 'answers' must be a list of {{match, reply}}, got {kw['answers']!r}")
+            kw["answers"] = tuple(_answer_rule(a) for a in kw["answers"])
         if "quality" in kw and is_number(kw["quality"]):
             kw["quality"] = {"default": kw["quality"]}
         return ModelProfile(name=name, **kw)
@@ -750,6 +821,11 @@ class Simulator:
         prompt_tokens = _prompt_tokens(messages, tools)
         rid = f"chatcmpl-sim-{self.seed}-{draw.index}-{next(self._ids)}"
         choices, completion_tokens = [], 0
+        scripted = None
+        if profile.answers and not wants_tool:
+            prompt_text = "\n\n".join(_text_of(m.get("content")) for m in messages if isinstance(m, Mapping))
+            scripted = next((a for a in (r.answer(prompt_text, draw.index) for r in profile.answers)
+                             if a is not None), None)
         for i in range(n):
             if wants_tool:
                 call = _tool_call(tools, tool_choice, f"call_sim_{draw.index}_{i}")
@@ -762,6 +838,12 @@ class Simulator:
                 tokens = count_tokens(content)
                 message = {"role": "assistant", "content": content}
                 finish = "stop"
+            elif scripted is not None:
+                want = count_tokens(scripted)
+                content = _cut(scripted, limit) if limit and want > limit else scripted
+                tokens = count_tokens(content)
+                message = {"role": "assistant", "content": content}
+                finish = "length" if tokens < want else "stop"
             else:
                 want = rng.randint(profile.output_tokens.min, profile.output_tokens.max)
                 tokens = min(want, limit) if limit else want

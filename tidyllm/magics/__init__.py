@@ -31,15 +31,20 @@ __all__ = ["LLMMagics", "LLMResult", "Receipt", "load_ipython_extension", "unloa
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """Register :class:`LLMMagics` with ``ipython`` (configured from ``c.LLMMagics.*``) and install the
-    platform with the notebook's identity. A platform that cannot be installed is reported on one line
-    (the magics stay, so ``%llm_config config=...`` can fix it); LiteLLM calls are not governed until it is."""
+    """Register :class:`LLMMagics` with ``ipython`` (configured from ``c.LLMMagics.*``) and the applications'
+    magics (:mod:`tidyllm.magics._apps`: ``%mvr_review``, ``%ask``, ``%extract``, ``%summarise``, ``%rag``),
+    and install the platform with the notebook's identity. A platform that cannot be installed is reported on
+    one line (the magics stay, so ``%llm_config config=...`` can fix it); LiteLLM calls are not governed until
+    it is."""
     import sys
 
     from IPython.core.error import UsageError
 
+    from tidyllm.magics._apps import AppMagics
+
     magics = LLMMagics(shell=ipython)
     ipython.register_magics(magics)
+    ipython.register_magics(AppMagics(shell=ipython))
     try:
         magics.platform()
     except UsageError as exc:
@@ -49,7 +54,13 @@ def load_ipython_extension(ipython: Any) -> None:
 
 def unload_ipython_extension(ipython: Any) -> None:
     """Remove the magics ``load_ipython_extension`` registered (the installed platform stays)."""
+    from tidyllm.magics._apps import AppMagics
+
     manager = ipython.magics_manager
+    manager.registry.pop(AppMagics.__name__, None)
+    for kind, names in AppMagics.magics.items():
+        for name in names:
+            manager.magics[kind].pop(name, None)
     instance = manager.registry.pop(LLMMagics.__name__, None)
     for kind, names in LLMMagics.magics.items():
         for name in names:

@@ -359,5 +359,46 @@ proxy_keys = Table(
     comment="API keys of the tidyllm LiteLLM proxy, each bound to a user and department (stored hashed).",
 )
 
+# --- retrieval indexes (migration 0007) ------------------------------------------------------
+
+rag_indexes = Table(
+    "rag_indexes",
+    metadata,
+    Column("name", String(200), primary_key=True, comment="index name given to tidyllm.apps.Index"),
+    Column("embedding_model", String(300), nullable=False,
+           comment="gateway embedding route or group the index embeds with (queries must use the same)"),
+    Column("dimensions", Integer, comment="length of the vectors; set by the first embedding"),
+    Column("backend", String(20), nullable=False, comment="vector store: sqlite-vec or pgvector"),
+    Column("vector_table", String(100), nullable=False,
+           comment="table holding the vectors (created on first use: its type depends on the dimensions)"),
+    Column("created_at", _ts, nullable=False, comment="UTC creation time"),
+    Column("updated_at", _ts, nullable=False, comment="UTC time of the last add()"),
+    comment="Retrieval (RAG) indexes: which embedding model and vector table each one uses.",
+)
+
+rag_chunks = Table(
+    "rag_chunks",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True,
+           comment="chunk row id; the key of its vector in the index's vector table"),
+    Column("index_name", String(200), ForeignKey("rag_indexes.name", ondelete="CASCADE"), nullable=False,
+           comment="the index"),
+    Column("document", String(1000), nullable=False, comment="document name the chunk comes from"),
+    Column("chunk_key", String(64), nullable=False,
+           comment="hash of (document, section, first paragraph): the chunk's place, stable across edits"),
+    Column("location", String(1000), nullable=False, comment="citation: document, page, section, paragraphs"),
+    Column("section", Text, comment="heading path of the chunk"),
+    Column("page", Integer, comment="first page (PDF)"),
+    Column("text", Text, nullable=False, comment="the chunk's text, as embedded"),
+    Column("text_hash", String(64), nullable=False,
+           comment="SHA-256 of the text: a chunk whose hash is unchanged is not embedded again"),
+    Column("tokens", Integer, comment="cl100k_base tokens of the text"),
+    Column("call_id", String(64), comment="llm_calls.id of the embedding call that produced its vector"),
+    Column("execution_id", String(36), comment="executions.id of the add() run that embedded it"),
+    Column("embedded_at", _ts, nullable=False, comment="UTC time it was embedded"),
+    UniqueConstraint("index_name", "document", "chunk_key", name="uq_rag_chunks_place"),
+    comment="Chunks of the documents in each retrieval index, with their citations and embedding calls.",
+)
+
 #: tables created by each migration, for ``frame()`` and the docs
 TABLES = {t.name: t for t in metadata.sorted_tables}

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["Store", "HEAD_REVISION", "utcnow", "as_utc", "dumps"]
 
 #: the newest migration this code knows; a database stamped with anything else is older or newer
-HEAD_REVISION = "0006"
-_REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006")
+HEAD_REVISION = "0007"
+_REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007")
 
 
 def utcnow() -> dt.datetime:
