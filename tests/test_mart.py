@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from tidyllm.errors import ConfigurationError, SchemaVersionError, StorageError
 from tidyllm.mart import TidyMart, get_tidymart
+from tidyllm.mart.store import HEAD_REVISION
 
 DATA = Path(__file__).parent / "data"
 
@@ -177,7 +178,7 @@ def test_old_database_is_upgraded(tmp_path: Path) -> None:
     with pytest.raises(SchemaVersionError, match="tidyllm db upgrade"):
         TidyMart(f"sqlite:///{db}", upgrade=False)
     mart = TidyMart(f"sqlite:///{db}")
-    assert mart.store.current_revision() == "0002"
+    assert mart.store.current_revision() == HEAD_REVISION
     ex = mart.executions()
     assert list(ex["id"]) == ["11111111-1111-1111-1111-111111111111"]
     assert ex["started_at"].iloc[0] == pd.Timestamp("2026-01-05 09:30", tz="UTC")
@@ -194,7 +195,7 @@ def test_cli_db_upgrade_and_path(tmp_path: Path) -> None:
 
     result = CliRunner().invoke(main, ["db", "upgrade", "--database-url", f"sqlite:///{db}"])
     assert result.exit_code == 0, result.output
-    assert "schema at 0002" in result.output
+    assert f"schema at {HEAD_REVISION}" in result.output
     result = CliRunner().invoke(main, ["db", "path"])
     assert result.exit_code == 0 and "tidyllm.db" in result.output
 

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["Store", "HEAD_REVISION", "utcnow", "as_utc", "dumps"]
 
 #: the newest migration this code knows; a database stamped with anything else is older or newer
-HEAD_REVISION = "0002"
-_REVISIONS = ("0001", "0002")
+HEAD_REVISION = "0004"
+_REVISIONS = ("0001", "0002", "0004")
 
 
 def utcnow() -> dt.datetime:
