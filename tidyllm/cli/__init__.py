@@ -17,6 +17,7 @@ from tidyllm.errors import TidyLLMError
 # (module, attribute) of each subcommand; imported only when the command runs or --help lists it,
 # so `tidyllm --help` stays fast.
 _COMMANDS = {
+    "apply": ("tidyllm.cli.apply", "apply"),
     "audit": ("tidyllm.cli.audit", "audit"),
     "budget": ("tidyllm.cli.budget", "budget"),
     "db": ("tidyllm.cli.db", "db"),
