@@ -64,7 +64,8 @@ class Administration:
     admins:
         Users (or ``group:NAME`` for members of an OS group) allowed to administer; empty = anyone.
     require_reason:
-        Refuse a change without a reason (``governance.require_audit``).
+        Refuse a change made from the command line (``via="cli"``) without a reason
+        (``governance.require_audit``); programs calling the API are audited with the reason they give.
     authenticated:
         The identity this process authenticated as (the MLflow user), used when no ``actor`` is given.
     """
@@ -102,7 +103,7 @@ class Administration:
         if not self.is_admin(who):
             problem = (f"{who!r} may not change {kind} {key!r}: only governance.admins "
                        f"({', '.join(self.admins)}) may administer budgets, rules, prices and rate limits")
-        elif self.require_reason and not (reason and reason.strip()):
+        elif self.require_reason and via == "cli" and not (reason and reason.strip()):
             problem = (f"changing {kind} {key!r} needs a reason because governance.require_audit is on: "
                        "pass --reason '...' (or reason='...')")
         if problem is None:

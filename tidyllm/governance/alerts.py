@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import sqlalchemy as sa
 
-from tidyllm.mart.fastsql import json_value
 from tidyllm.mart.schema import alert_events, budget_windows, budgets
 from tidyllm.mart.store import utcnow
 
@@ -213,7 +212,7 @@ class Alerts:
     def _due(self, b: dict[str, Any], w: dict[str, Any], start: dt.datetime, end: dt.datetime | None,
              now: dt.datetime) -> list[tuple[str, float, str, dict[str, Any]]]:
         limit, spent = float(b["limit_usd"]), float(w["spent_usd"] or 0.0)
-        own = json_value(b.get("thresholds"))
+        own = b.get("thresholds")  # parsed by SQLAlchemy
         levels = set(own) if own else set(self.thresholds)
         if b.get("soft_threshold"):
             levels.add(float(b["soft_threshold"]))

@@ -214,7 +214,7 @@ class BudgetLedger:
                                                      created_at=now, updated_at=now))
             else:
                 budget_id = row[0]
-                old = {"limit_usd": row[1], "soft_threshold": row[2], "thresholds": json_value(row[3])}
+                old = {"limit_usd": row[1], "soft_threshold": row[2], "thresholds": row[3]}
                 conn.execute(budgets.update().where(budgets.c.id == budget_id).values(
                     limit_usd=limit, soft_threshold=threshold, thresholds=alert_at, updated_at=now))
             if who is not None and old != new:
@@ -238,7 +238,7 @@ class BudgetLedger:
             result = conn.execute(budgets.delete().where(budgets.c.scope == scope, budgets.c.name == name,
                                                          budgets.c.period == period))
             if who is not None and row is not None:
-                old = {"limit_usd": row[0], "soft_threshold": row[1], "thresholds": json_value(row[2])}
+                old = {"limit_usd": row[0], "soft_threshold": row[1], "thresholds": row[2]}
                 self.admin.record(conn, "budget", key, action="delete", old=old, new=None, reason=reason, who=who[0],
                                   source=who[1], via=via, department=name if scope == "department" else None)
         self._budgets_cache = None

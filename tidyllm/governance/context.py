@@ -62,7 +62,7 @@ class CallContext:
         extra = {k: v for k, v in metadata.items()
                  if k not in CONTEXT_KEYS and k != STAMP_KEY and isinstance(k, str)
                  and isinstance(v, (str, int, float)) and not isinstance(v, bool)
-                 and k not in _LITELLM_OWN_KEYS}
+                 and k not in _LITELLM_OWN_KEYS and not is_secret_key(k)}
         return cls(extra=extra, **{k: values.get(k) for k in CONTEXT_KEYS})
 
     def as_dict(self) -> dict[str, Any]:
@@ -70,6 +70,14 @@ class CallContext:
         out = {k: getattr(self, k) for k in CONTEXT_KEYS if getattr(self, k) is not None}
         out.update(self.extra)
         return out
+
+
+def is_secret_key(key: str) -> bool:
+    """Credential-named metadata keys (``api_key``, ``token``, ...) are never caller context: they would
+    be stored in routing decisions and records (see :func:`tidyllm.redact.is_secret_key`)."""
+    from tidyllm.redact import is_secret_key as secret
+
+    return secret(key)
 
 
 # Keys LiteLLM's Router adds to metadata; they are not caller context.

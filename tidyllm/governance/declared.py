@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, Mapping
 import sqlalchemy as sa
 
 from tidyllm.errors import ConfigurationError
-from tidyllm.mart.fastsql import json_value
 from tidyllm.mart.schema import budgets, declared_state, prices
 from tidyllm.mart.store import utcnow
 
@@ -65,13 +64,13 @@ class Change:
     def describe(self) -> str:
         from tidyllm.governance.admin import describe_change
 
-        what = describe_change(self.kind, self.key, self.current, self.declared)
         if self.action in ("drift", "conflict"):
+            what = _compare(self.kind, self.key, self.current, self.declared)
             side = ("the file's value is put back" if self.winner == "file"
                     else "the database's value stays (governance.config_authority: database)")
             cause = "changed at run time" if self.action == "drift" else "changed in both the file and the mart"
             return f"{self.action.upper()}: {what} — {cause}; {side}"
-        return f"{self.action}: {what}"
+        return f"{self.action}: {describe_change(self.kind, self.key, self.current, self.declared)}"
 
 
 @dataclass
@@ -98,6 +97,19 @@ class Plan:
         lines = [f"{len(self.changes)} difference(s); {verb}:"]
         lines += [f"  {c.describe()}" for c in self.changes]
         return "\n".join(lines)
+
+
+def _compare(kind: str, key: str, current: Any, declared: Any) -> str:
+    """``budget k: the mart has limit_usd 60.0, the file says 4.0`` (only the fields that differ)."""
+    if current is None:
+        return f"{kind} {key}: not in the mart, the file says {declared}"
+    if declared is None:
+        return f"{kind} {key}: the mart has {current}, the file has none"
+    if isinstance(current, Mapping) and isinstance(declared, Mapping):
+        keys = [k for k in sorted(set(current) | set(declared)) if current.get(k) != declared.get(k)]
+        mart = ", ".join(f"{k} {current.get(k)!r}" for k in keys)
+        return f"{kind} {key}: the mart has {mart}, the file says {', '.join(repr(declared.get(k)) for k in keys)}"
+    return f"{kind} {key}: the mart has {current!r}, the file says {declared!r}"
 
 
 def _budget_key(scope: str, name: str, period: str) -> str:
@@ -154,7 +166,7 @@ class DeclaredState:
     def _remembered(self, conn: Any) -> dict[tuple[str, str], tuple[Any, Any]]:
         rows = conn.execute(sa.select(declared_state.c.kind, declared_state.c.key, declared_state.c.file_value,
                                       declared_state.c.value)).all()
-        return {(k, key): (json_value(fv), json_value(v)) for k, key, fv, v in rows}
+        return {(k, key): (fv, v) for k, key, fv, v in rows}  # SQLAlchemy parsed the JSON columns
 
     def current(self, conn: Any, remembered: Mapping[tuple[str, str], tuple[Any, Any]]) -> dict[str, dict[str, Any]]:
         """Kind → key → value in force in the mart."""
@@ -162,7 +174,7 @@ class DeclaredState:
         for row in conn.execute(sa.select(budgets)).mappings():
             out["budget"][_budget_key(row["scope"], row["name"], row["period"])] = {
                 "limit_usd": float(row["limit_usd"]), "soft_threshold": row["soft_threshold"],
-                "thresholds": json_value(row["thresholds"])}
+                "thresholds": row["thresholds"]}
         for row in conn.execute(sa.select(prices)).mappings():
             start = row["effective_from"]
             start = start if start.tzinfo else start.replace(tzinfo=__import__("datetime").timezone.utc)
@@ -291,7 +303,7 @@ class DeclaredState:
             self._store.lock_for_update(conn)
             row = conn.execute(sa.select(declared_state.c.value).where(
                 declared_state.c.kind == kind, declared_state.c.key == key)).first()
-            old = json_value(row[0]) if row is not None else None
+            old = row[0] if row is not None else None
             if row is None:
                 conn.execute(declared_state.insert().values(kind=kind, key=key, file_value=None, value=value,
                                                             updated_at=utcnow(), updated_by=who))
@@ -327,5 +339,5 @@ class DeclaredState:
         with self._store.begin() as conn:
             rows = conn.execute(sa.select(declared_state.c.key, declared_state.c.value).where(
                 declared_state.c.kind == kind).order_by(declared_state.c.key)).all()
-        return [json_value(v) for _, v in rows if json_value(v) is not None]
+        return [v for _, v in rows if v is not None]
 

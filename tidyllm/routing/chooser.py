@@ -30,6 +30,7 @@ import sqlalchemy as sa
 from tidyllm.errors import RoutingError
 from tidyllm.mart.schema import bandit_state, routing_decisions
 from tidyllm.mart.store import utcnow
+from tidyllm.redact import safe_metadata
 from tidyllm.routing.strategy import Decision
 
 if TYPE_CHECKING:
@@ -122,7 +123,8 @@ class BanditChooser:
         decision = (admission.extra or {}).get("decision") if admission is not None else None
         if not decision or decision.get("policy") != self.name:
             return
-        features = dict(decision.get("features") or {})
+        # never store a credential a caller put in metadata (the context already drops them; defence in depth)
+        features: dict[str, Any] = safe_metadata(dict(decision.get("features") or {}))  # type: ignore[assignment]
         cost = self._cost(admission, record)
         failed = not record.ok
         quality = record.reported_quality if record.ok else None
