@@ -203,7 +203,10 @@ class Alerts:
                 for kind, threshold, message, data in self._due(b, window, start, end, now):
                     alert = {"id": str(uuid.uuid4()), "at": now, "budget_id": b["id"], "window_start": start,
                              "kind": kind, "threshold": threshold, "message": message, "data": data}
-                    if conn.execute(_insert_once(self._store.dialect).values(**alert)).rowcount:
+                    # RETURNING, not rowcount: psycopg reports 1 for a row ON CONFLICT DO NOTHING skipped
+                    inserted = conn.execute(_insert_once(self._store.dialect).values(**alert)
+                                            .returning(alert_events.c.id)).first()
+                    if inserted is not None:
                         fresh.append(alert)
         for alert in fresh:
             self._enqueue(alert)
@@ -216,7 +219,7 @@ class Alerts:
         levels = set(own) if own else set(self.thresholds)
         if b.get("soft_threshold"):
             levels.add(float(b["soft_threshold"]))
-        what = f"{b['scope']} {b['name']!r}" if b["scope"] != "org" else "the org"
+        what = f"{b['scope']} '{b['name']}'" if b["scope"] != "org" else "the org"
         period = b["period"] if b["period"] != "total" else "total"
         base = {"scope": b["scope"], "name": b["name"], "period": b["period"], "limit_usd": limit,
                 "spent_usd": spent, "window_start": start.isoformat(), "window_end": end.isoformat() if end else None}
