@@ -118,7 +118,7 @@ def test_a_busy_caller_is_admitted_from_credit_and_every_call_is_written(
     # the blocks charged exactly what their calls cost (the first call had a lease of its own)
     assert blocks["settled_usd"].sum() == pytest.approx(calls.loc[calls["id"] != names[0], "cost_usd"].sum())
 
-    audit = platform.mart.frame("audit_log", parse_json=True)
+    audit = platform.mart.frame("audit_log", parse_json=True, decision=["allowed", "refused", "unenforced"])
     from_credit = audit["extra"].map(lambda e: bool(e and e.get("credit_id")))
     assert from_credit.sum() == 39 and set(audit.loc[from_credit, "extra"].map(lambda e: e["credit_id"])) \
         == {r[len(CREDIT_PREFIX):] for r in blocks["call_id"]}

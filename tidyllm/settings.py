@@ -242,7 +242,7 @@ _CHOICES = {
     ("alerts", "webhook_format"): ("json", "slack"),
 }
 #: numbers that must be strictly positive
-_POSITIVE = {("governance", "lease_ttl_seconds"), ("routing", "refresh_seconds")}
+_POSITIVE = {("governance", "lease_ttl_seconds")}
 #: numbers that are fractions in [0, 1]
 _FRACTIONS = {("governance", "soft_threshold"), ("routing", "exploration_floor"), ("routing", "discount"),
               ("routing", "max_exploration_share")}
