@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 import sqlalchemy as sa
 
 from tidyllm.mart.schema import alert_events, budget_windows, budgets
-from tidyllm.mart.store import utcnow
+from tidyllm.mart.store import as_utc, utcnow
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,6 +39,8 @@ __all__ = ["Alerts", "LogSink", "WebhookSink", "EmailSink", "Sink"]
 
 log = logging.getLogger("tidyllm.alerts")
 
+#: seconds between two evaluations prompted by finished calls
+_MIN_EVALUATION_GAP = 1.0
 #: a forecast needs this share of its window behind it before it speaks (a first call is no trend)
 _MIN_ELAPSED_SHARE = 0.05
 
@@ -185,12 +187,16 @@ class Alerts:
 
     def evaluate(self, now: dt.datetime | None = None) -> list[dict[str, Any]]:
         """Record the alerts due now (each once per threshold per window) and queue their delivery;
-        returns the new ones."""
+        returns the new ones.
+
+        It reads in a read transaction and takes the write lock only when something is new, so on SQLite
+        it does not hold up admissions while nothing happens."""
         from tidyllm.governance.budgets import window_bounds
 
         now = now or utcnow()
-        fresh: list[dict[str, Any]] = []
-        with self._store.begin(write=True) as conn:
+        pending: list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]] = []
+        with self._store.begin() as conn:
+            fired = self._fired(conn)
             for b in conn.execute(sa.select(budgets)).mappings():
                 b = dict(b)
                 start, end = window_bounds(b["period"], now, self.ledger.tz)
@@ -199,18 +205,33 @@ class Alerts:
                 if w is None or not b["limit_usd"]:
                     continue
                 window = dict(w) | {"window_start": start}
-                self.ledger.warn_if_due(conn, b, window, now)
-                for kind, threshold, message, data in self._due(b, window, start, end, now):
-                    alert = {"id": str(uuid.uuid4()), "at": now, "budget_id": b["id"], "window_start": start,
-                             "kind": kind, "threshold": threshold, "message": message, "data": data}
-                    # RETURNING, not rowcount: psycopg reports 1 for a row ON CONFLICT DO NOTHING skipped
-                    inserted = conn.execute(_insert_once(self._store.dialect).values(**alert)
-                                            .returning(alert_events.c.id)).first()
-                    if inserted is not None:
-                        fresh.append(alert)
+                new = [{"id": str(uuid.uuid4()), "at": now, "budget_id": b["id"], "window_start": start, "kind": kind,
+                        "threshold": threshold, "message": message, "data": data}
+                       for kind, threshold, message, data in self._due(b, window, start, end, now)
+                       if (b["id"], start, kind, threshold) not in fired]
+                if new or self.ledger.warning_due(b, window):
+                    pending.append((b, window, new))
+        fresh: list[dict[str, Any]] = []
+        if pending:
+            with self._store.begin(write=True) as conn:
+                for b, window, new in pending:
+                    self.ledger.warn_if_due(conn, b, window, now)
+                    for alert in new:
+                        # RETURNING, not rowcount: psycopg reports 1 for a row ON CONFLICT DO NOTHING skipped
+                        inserted = conn.execute(_insert_once(self._store.dialect).values(**alert)
+                                                .returning(alert_events.c.id)).first()
+                        if inserted is not None:
+                            fresh.append(alert)
         for alert in fresh:
             self._enqueue(alert)
         return fresh
+
+    @staticmethod
+    def _fired(conn: Any) -> set[tuple[str, dt.datetime, str, float]]:
+        """``(budget id, window start, kind, threshold)`` of every alert already recorded."""
+        rows = conn.execute(sa.select(alert_events.c.budget_id, alert_events.c.window_start, alert_events.c.kind,
+                                      alert_events.c.threshold)).all()
+        return {(r[0], as_utc(r[1]), r[2], float(r[3])) for r in rows}
 
     def _due(self, b: dict[str, Any], w: dict[str, Any], start: dt.datetime, end: dt.datetime | None,
              now: dt.datetime) -> list[tuple[str, float, str, dict[str, Any]]]:
@@ -318,6 +339,7 @@ class Alerts:
 
     def _run(self) -> None:
         next_evaluation = time.monotonic()
+        last_evaluation = -_MIN_EVALUATION_GAP
         while not self._stop.is_set():
             with self._lock:
                 next_delivery = self._queue[0].due if self._queue else float("inf")
@@ -327,9 +349,13 @@ class Alerts:
             if self._stop.is_set():
                 break
             try:
-                if self._evaluate_due.is_set() or time.monotonic() >= next_evaluation:
+                if self._evaluate_due.is_set():
+                    # busy traffic pokes after every call: evaluate at most once a second
                     self._evaluate_due.clear()
-                    next_evaluation = time.monotonic() + self.interval
+                    next_evaluation = min(next_evaluation, last_evaluation + _MIN_EVALUATION_GAP)
+                if time.monotonic() >= next_evaluation:
+                    last_evaluation = time.monotonic()
+                    next_evaluation = last_evaluation + self.interval
                     self.evaluate()
                 self.deliver_due()
             except Exception:  # noqa: BLE001 - the worker must outlive a database hiccup

@@ -450,6 +450,10 @@ class BudgetLedger:
         threshold = budget["soft_threshold"] or self.soft_threshold
         return window["spent_usd"] >= threshold * budget["limit_usd"] * (1 - 1e-12)
 
+    def warning_due(self, budget: dict[str, Any], window: dict[str, Any]) -> bool:
+        """Whether a window's soft-threshold warning is due (spend reached it, nothing recorded yet)."""
+        return self._warning_due(budget, window, 0.0)
+
     def warn_if_due(self, tx: Any, budget: dict[str, Any], window: dict[str, Any], now: dt.datetime) -> None:
         """Record a window's soft-threshold warning once its spend reached it (the alert worker calls this
         after calls settle; admissions check it too)."""

@@ -157,11 +157,11 @@ class Checkpoints:
 
     # --- signing ------------------------------------------------------------------------------
 
-    def head(self) -> dict[str, Any]:
-        """The chain head now: seq, digest, rows, and the calls table's row count."""
+    def head(self, *, calls: bool = True) -> dict[str, Any]:
+        """The chain head now: seq, digest, rows, and (with ``calls``) the calls table's row count."""
         with self._store.begin() as conn:
             head = conn.execute(sa.select(audit_head)).mappings().first()
-            calls = conn.execute(sa.select(sa.func.count()).select_from(llm_calls)).scalar_one()
+            calls = conn.execute(sa.select(sa.func.count()).select_from(llm_calls)).scalar_one() if calls else 0
         if head is None:
             return {"seq": 0, "digest": "0" * 64, "rows": 0, "calls": int(calls)}
         return {"seq": int(head["seq"]), "digest": head["digest"], "rows": int(head["rows"]), "calls": int(calls)}
@@ -238,7 +238,7 @@ class Checkpoints:
 
     def due(self) -> bool:
         """Whether enough rows or time passed since this process's (or the file's) last checkpoint."""
-        rows = self.head()["rows"]
+        rows = self.head(calls=False)["rows"]
         if self._last is None:
             previous = self.read()
             self._last = (int(previous[-1].get("rows", 0)) if previous else 0, time.monotonic())
@@ -273,7 +273,7 @@ class Checkpoints:
             self._thread.join(10)
             self._thread = None
             try:
-                if self._last is not None and self.head()["rows"] > self._last[0]:
+                if self._last is not None and self.head(calls=False)["rows"] > self._last[0]:
                     self.checkpoint(reason="shutdown")
             except Exception:  # noqa: BLE001 - a closed database at exit
                 log.warning("could not sign the final audit checkpoint", exc_info=True)
