@@ -260,12 +260,12 @@ class Platform:
         """Unregister from LiteLLM, give back unused admission credit and drop the log filter (the mart stays
         open for other users)."""
         self._unregister()
-        self.alerts.stop()
-        self.checkpoints.stop()
         try:
             self.budgets.credit.return_all()
         except Exception:  # noqa: BLE001 - a closed database: the credit's lease expires
             logging.getLogger("tidyllm.governance").warning("could not give back admission credit", exc_info=True)
+        self.alerts.stop()
+        self.checkpoints.stop()
         logging.getLogger("tidyllm").removeFilter(self._filter)
 
 

@@ -255,9 +255,10 @@ class Alerts:
             length = (end - start).total_seconds()
             if elapsed >= _MIN_ELAPSED_SHARE * length:
                 rate = spent / elapsed  # USD per second over the window so far
-                runs_out = now + dt.timedelta(seconds=(limit - spent) / rate)
-                hours_left = (runs_out - now).total_seconds() / 3600
-                if runs_out < end and hours_left <= self.forecast_hours:
+                hours_left = (limit - spent) / rate / 3600
+                # compared in hours first: a trickle of spend projects past any date a datetime can hold
+                if hours_left <= self.forecast_hours and hours_left * 3600 < (end - now).total_seconds():
+                    runs_out = now + dt.timedelta(hours=hours_left)
                     left = f"{hours_left / 24:.1f} days" if hours_left >= 48 else f"{hours_left:.1f} hours"
                     out.append(("forecast", 0.0, f"{what} runs out in {left} at this rate ({_usd(spent)} of "
                                 f"{_usd(limit)} spent; the {period} window ends {end:%Y-%m-%d %H:%M} UTC)",
