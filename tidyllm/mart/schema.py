@@ -129,9 +129,11 @@ audit_log = Table(
     Column("data_sensitivity", String(50), comment="sensitivity class"),
     Column("requested_model", String(300), comment="model or group requested"),
     Column("route", String(300), comment="endpoint that served it"),
-    Column("decision", String(20), nullable=False, comment="allowed, refused or unenforced"),
+    Column("decision", String(20), nullable=False,
+           comment="allowed, refused or unenforced (calls); admin or admin_refused (administrative changes)"),
     Column("rule", String(300), comment="the rule that refused it (budget scope, authorisation rule, ...)"),
-    Column("status", String(20), nullable=False, comment="success, failure, refused, unenforced"),
+    Column("status", String(20), nullable=False,
+           comment="success, failure, refused, unenforced (calls); applied or refused (administrative changes)"),
     Column("prompt_tokens", Integer, comment="input tokens"),
     Column("completion_tokens", Integer, comment="output tokens"),
     Column("cost_usd", Float, comment="exact cost"),
@@ -144,7 +146,7 @@ audit_log = Table(
     Column("extra", _json, comment="other facts (stream outcome, price version, ...)"),
     Column("prev_digest", String(64), nullable=False, comment="digest of the previous row (chain link)"),
     Column("digest", String(64), nullable=False, comment="SHA-256 over this row's canonical content and prev_digest"),
-    comment="Append-only, hash-chained audit trail: one row per governed call.",
+    comment="Append-only, hash-chained audit trail: one row per governed call and per administrative change.",
 )
 
 audit_head = Table(

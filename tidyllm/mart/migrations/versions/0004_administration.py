@@ -44,6 +44,13 @@ def upgrade() -> None:
     comment='Budget alerts: soft thresholds and forecast exhaustion, once per threshold per window.'
     )
     op.create_index('ix_alert_events_at', 'alert_events', ['at'], unique=False)
+    if op.get_bind().dialect.name == "postgresql":  # SQLite keeps no comments
+        op.alter_column('audit_log', 'decision', existing_type=sa.String(length=20), existing_nullable=False,
+                        comment='allowed, refused or unenforced (calls); admin or admin_refused (administrative changes)')
+        op.alter_column('audit_log', 'status', existing_type=sa.String(length=20), existing_nullable=False,
+                        comment='success, failure, refused, unenforced (calls); applied or refused (administrative changes)')
+        op.create_table_comment('audit_log', 'Append-only, hash-chained audit trail: one row per governed call and '
+                                'per administrative change.')
     with op.batch_alter_table('budgets') as batch:
         batch.add_column(sa.Column('thresholds', sa.JSON(none_as_null=True), nullable=True,
                                    comment='fractions of the limit that raise an alert (NULL: alerts.thresholds); added in 0004'))
