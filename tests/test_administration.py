@@ -4,7 +4,6 @@ audited changes with an admins restriction, and read commands that are really re
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from click.testing import CliRunner
 import tidyllm
 from tidyllm.cli import main
 from tidyllm.errors import AdministrationError, ConfigurationError, StorageError
+from tidyllm.governance.admin import os_user
 from tidyllm.settings import load_settings
 
 
@@ -136,7 +136,7 @@ def test_runtime_change_is_audited_and_not_reverted_by_the_next_install(db_url: 
     rows = admin_rows(p)
     change = rows.iloc[-1]
     assert change["decision"] == "admin" and change["rule"] == "budget:department/risk/month"
-    assert change["audit_reason"] == "quarter close" and change["user_id"] == os.environ.get("USER", change["user_id"])
+    assert change["audit_reason"] == "quarter close" and change["user_id"] == os_user()
     assert change["extra"]["old"]["limit_usd"] == 4.0 and change["extra"]["new"]["limit_usd"] == 60.0
     assert change["extra"]["actor_source"] == "os" and change["extra"]["via"] == "cli"
     assert p.audit.verify().ok
