@@ -6,6 +6,8 @@ from typing import Any
 
 ROUTES = {"ep-small": ("sim-gpt-small", 1.0, 2.0), "ep-large": ("sim-gpt-large", 10.0, 30.0)}
 META = {"user_id": "ana", "department": "risk", "audit_reason": "MVR peer review", "use_case": "qa"}
+#: the audit rows of calls (administrative changes, such as setting a budget, are audited too)
+CALL_ROWS = ["allowed", "refused", "unenforced"]
 
 
 def sim_router(platform: Any, sim_url: str, routes: dict[str, tuple[str, float, float]] | None = None,

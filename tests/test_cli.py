@@ -60,11 +60,13 @@ def test_audit_verify_export_show(tmp_path: Path) -> None:
             p.governor.admit(ctx=CallContext(user_id="ana", department="risk"), route="ep", requested_model="chat",
                              messages=[{"role": "user", "content": str(i)}], gateway=False, call_id=f"call-{i}")
     result = run("audit", "verify", "--database-url", url)
-    assert result.exit_code == 0 and "3 rows intact" in result.output
+    # the budget change is audited too: 1 administrative row + 3 refusals
+    assert result.exit_code == 0 and "4 rows intact" in result.output
     out = tmp_path / "audit.jsonl"
     result = run("audit", "export", "--format", "jsonl", "--department", "risk", "-o", str(out), "--database-url", url)
-    assert result.exit_code == 0 and len(out.read_text().splitlines()) == 3
-    assert json.loads(out.read_text().splitlines()[0])["decision"] == "refused"
+    assert result.exit_code == 0 and len(out.read_text().splitlines()) == 4
+    decisions = [json.loads(line)["decision"] for line in out.read_text().splitlines()]
+    assert decisions == ["admin", "refused", "refused", "refused"]
     result = run("audit", "show", "call-1", "--database-url", url)
     assert result.exit_code == 0 and "call-1" in result.output and "refused" in result.output
     with p.mart.store.engine.begin() as conn:

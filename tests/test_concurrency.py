@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 import tidyllm
 from tidyllm.gateway.simulator import Simulator
 
+from govhelpers import CALL_ROWS
+
 TESTS = Path(__file__).parent
 
 WORKER = r"""
@@ -101,7 +103,7 @@ def test_four_processes_times_eight_threads_never_overspend(db_url: str, sim: Si
         assert platform.budgets.open_reservations() == 0
         assert sim.hits() == ok + failed                    # refused calls never reached the provider
         assert (calls["status"] == "failure").sum() == failed
-        audit = platform.audit.frame()
+        audit = platform.audit.frame(decision=CALL_ROWS)    # (setting the budget is audited too)
         assert len(audit) == ok + refused + failed          # exactly one audit row per attempt
         assert audit["call_id"].is_unique and set(audit["call_id"]) == set(calls["id"])
         assert (calls["status"] == "pending").sum() == 0    # nothing lost at process exit
@@ -152,7 +154,7 @@ def test_killed_process_lease_is_reclaimed_at_once_and_charged(db_url: str) -> N
         assert call["status"] == "unsettled" and call["cost_usd"] == pytest.approx(reserved)
         events = platform.mart.frame("budget_events", kind="unsettled_lease", parse_json=True)
         assert len(events) == 1 and events["data"].iloc[0]["reason"] == "owner-dead"
-        assert list(platform.audit.frame()["status"]) == ["unsettled"] and platform.audit.verify().ok
+        assert list(platform.audit.frame(decision=CALL_ROWS)["status"]) == ["unsettled"] and platform.audit.verify().ok
         tidyllm.uninstall()
 
 

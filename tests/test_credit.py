@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import pytest
 
 import tidyllm
+from govhelpers import CALL_ROWS
 from tidyllm.errors import BudgetExceededError, ConfigurationError
 from tidyllm.gateway.simulator import Simulator
 from tidyllm.governance.credit import CREDIT_PREFIX
@@ -120,7 +121,7 @@ def test_a_busy_caller_is_admitted_from_credit_and_every_call_is_written(
     # the blocks charged exactly what their calls cost (the first call had a lease of its own)
     assert blocks["settled_usd"].sum() == pytest.approx(calls.loc[calls["id"] != names[0], "cost_usd"].sum())
 
-    audit = platform.mart.frame("audit_log", parse_json=True)
+    audit = platform.mart.frame("audit_log", parse_json=True, decision=["allowed", "refused", "unenforced"])
     from_credit = audit["extra"].map(lambda e: bool(e and e.get("credit_id")))
     assert from_credit.sum() == 39 and set(audit.loc[from_credit, "extra"].map(lambda e: e["credit_id"])) \
         == {r[len(CREDIT_PREFIX):] for r in blocks["call_id"]}
@@ -262,7 +263,7 @@ def test_a_killed_process_leases_are_reclaimed_at_once_and_its_calls_charged(db_
             assert status["reserved_usd"] == pytest.approx(0.0, abs=1e-12)
             assert status["spent_usd"] == pytest.approx(worst.sum()) and worst.sum() < reserved
             assert (_reservations(platform)["status"] == "unsettled").all()
-            audit = platform.audit.frame()
+            audit = platform.audit.frame(decision=CALL_ROWS)
             assert sorted(audit["call_id"]) == sorted(calls["id"]) and set(audit["status"]) == {"unsettled"}
             assert platform.audit.verify().ok
         finally:

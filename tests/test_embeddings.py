@@ -149,5 +149,5 @@ def test_a_rag_pipeline_of_2000_chunks_stops_exactly_at_its_budget(stack: LocalS
     calls = p.calls(department=dept)
     assert (calls["status"] == "success").sum() == refused_batch and (calls["status"] == "refused").sum() == 1
     assert calls.loc[calls["status"] == "success", "cost_usd"].sum() == pytest.approx(final["spent_usd"])
-    audit = p.audit.frame(department=dept)
+    audit = p.audit.frame(department=dept, decision=["allowed", "refused"])  # (setting its budget is audited too)
     assert len(audit) == refused_batch + 1 and p.audit.verify().ok

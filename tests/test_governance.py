@@ -16,7 +16,7 @@ from tidyllm.errors import (BudgetExceededError, ConfigurationError, MetadataErr
                             RouteNotAuthorizedError, UnpricedModelError)
 from tidyllm.gateway.simulator import Simulator
 
-from govhelpers import META, sim_router
+from govhelpers import CALL_ROWS, META, sim_router
 
 MSG = [{"role": "user", "content": "Summarise the peer review findings in two sentences."}]
 
@@ -69,7 +69,7 @@ def test_router_sync_call_is_costed_settled_and_audited(platform: Any, sim: Simu
     assert call["reserved_usd"] >= call["cost_usd"]
     status = platform.budgets.status()
     assert status.iloc[0]["spent_usd"] == pytest.approx(expected) and status.iloc[0]["reserved_usd"] == 0
-    audit = platform.audit.frame()
+    audit = platform.audit.frame(decision=CALL_ROWS)
     assert list(audit["decision"]) == ["allowed"] and audit.iloc[0]["audit_reason"] == "MVR peer review"
     assert audit.iloc[0]["content_hash"] and audit.iloc[0]["content"] is None
     prices = platform.prices.frame()
@@ -105,7 +105,7 @@ def test_refused_calls_never_reach_the_provider(platform: Any, sim: Simulator, p
     assert sim.hits() == 0
     if path != "router-sync":
         flush_async()
-    audit = platform.audit.frame()
+    audit = platform.audit.frame(decision=CALL_ROWS)
     assert list(audit["decision"]) == ["refused"] and audit.iloc[0]["rule"].startswith("budget:department:risk")
     assert platform.audit.verify().ok
 
@@ -149,7 +149,7 @@ def test_plain_sync_completion_is_enforced(platform: Any, sim: Simulator) -> Non
         litellm.embedding(model="openai/sim-embed", api_base=sim.url, api_key="sk-x", input=["a text"],
                           metadata=dict(META))
     assert sim.stats()["total"] == hits  # the provider was never contacted
-    assert list(platform.audit.frame()["status"]) == ["refused", "refused"]
+    assert list(platform.audit.frame(decision=CALL_ROWS)["status"]) == ["refused", "refused"]
 
 
 def test_plain_sync_completion_without_instrumentation_is_visible_as_unenforced(db_url: str, sim: Simulator) -> None:
@@ -167,7 +167,7 @@ def test_plain_sync_completion_without_instrumentation_is_visible_as_unenforced(
             time.sleep(0.05)
         call = platform.calls().iloc[0]
         assert call["status"] == "unenforced" and call["cost_usd"] > 0  # … but it is recorded
-        assert platform.audit.frame().iloc[0]["decision"] == "unenforced"
+        assert platform.audit.frame(decision=CALL_ROWS).iloc[0]["decision"] == "unenforced"
         assert platform.budgets.status().iloc[0]["spent_usd"] == pytest.approx(call["cost_usd"])  # and counted
     finally:
         tidyllm.uninstall()
@@ -182,7 +182,7 @@ def test_tidyllm_provider_success_goes_through_the_router(platform: Any, sim: Si
     wait_settled(platform)
     calls = platform.calls()
     assert list(calls["status"]) == ["success"] and calls.iloc[0]["route"] == "ep-small"
-    assert len(platform.audit.frame()) == 1
+    assert len(platform.audit.frame(decision=CALL_ROWS)) == 1
 
 
 def test_max_tokens_is_clamped_to_the_headroom(platform: Any, sim: Simulator) -> None:
@@ -192,9 +192,12 @@ def test_max_tokens_is_clamped_to_the_headroom(platform: Any, sim: Simulator) ->
     wait_settled(platform)
     call = platform.calls().iloc[0]
     assert call["status"] == "success" and call["reserved_usd"] <= 0.0005 + 1e-12
-    audit = platform.audit.frame().iloc[0]
+    audit = platform.audit.frame(decision=CALL_ROWS).iloc[0]
     assert audit["rule"] == "clamped"
-    assert platform.mart.frame("budget_events", kind="soft_threshold").shape[0] == 1
+    # the soft warning follows settled spend, not the clamped reservation (which holds the whole headroom)
+    spent = platform.budgets.status().iloc[0]["spent_usd"]
+    platform.alerts.evaluate()
+    assert platform.mart.frame("budget_events", kind="soft_threshold").shape[0] == int(spent >= 0.8 * 0.0005)
 
 
 def test_authorisation_rules_and_route_sensitivity(db_url: str, sim: Simulator) -> None:
@@ -211,7 +214,7 @@ def test_authorisation_rules_and_route_sensitivity(db_url: str, sim: Simulator) 
             router.completion(model="chat", messages=MSG,
                               metadata={"department": "risk", "data_sensitivity": "confidential"})
         assert sim.hits() == 0
-        rules = list(p.audit.frame()["rule"])
+        rules = list(p.audit.frame(decision=CALL_ROWS)["rule"])
         assert rules == ["interns-small-only", "confidential-on-prem"]
         router.completion(model="chat", messages=MSG, max_tokens=10, metadata={"department": "risk"})
         assert sim.hits() == 1
@@ -231,7 +234,7 @@ def test_bad_metadata_is_refused_clearly(platform: Any, sim: Simulator, metadata
     with pytest.raises(MetadataError, match=match):
         router.completion(model="chat", messages=MSG, metadata=metadata)
     assert sim.hits() == 0
-    assert len(platform.audit.frame()) == 1 and platform.calls().iloc[0]["status"] == "refused"
+    assert len(platform.audit.frame(decision=CALL_ROWS)) == 1 and platform.calls().iloc[0]["status"] == "refused"
 
 
 def test_non_dict_metadata_is_a_clear_error() -> None:
@@ -264,7 +267,7 @@ def test_rate_limits_are_enforced_and_audited(db_url: str, sim: Simulator) -> No
             router.completion(model="chat", messages=MSG, max_tokens=5, metadata={"user_id": "bob", "department": "risk"})
         assert 0 < info.value.retry_after <= 60 and "2 requests per minute" in str(info.value)
         router.completion(model="chat", messages=MSG, max_tokens=5, metadata={"user_id": "carol", "department": "risk"})
-        assert "rate_limit" in set(p.audit.frame()["rule"].dropna())
+        assert "rate_limit" in set(p.audit.frame(decision=CALL_ROWS)["rule"].dropna())
     finally:
         tidyllm.uninstall()
 

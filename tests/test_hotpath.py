@@ -12,6 +12,8 @@ import pytest
 import tidyllm
 from tidyllm.errors import BudgetExceededError
 
+from govhelpers import CALL_ROWS
+
 META = {"user_id": "ana", "department": "risk", "audit_reason": "MVR peer review", "use_case": "qa"}
 MSG = [{"role": "user", "content": "hello"}]
 
@@ -226,7 +228,7 @@ def test_settlement_chains_non_ascii_content_and_counts_a_call_once(db_url: str)
         row = p.wait_for_call("unicode-1")
         assert row["status"] == "success" and row["cost_usd"] > 0
         assert "unicode-1" not in p.governor.listeners_done  # the call's listeners ran
-        audit = p.audit.frame()
+        audit = p.audit.frame(decision=CALL_ROWS)
         assert list(audit["call_id"]) == ["unicode-1"] and audit["user_id"].iloc[0] == "josé"
         assert p.audit.verify().ok
         status = p.budgets.status(scope="department", name="risk").iloc[0]
@@ -240,7 +242,7 @@ def test_settlement_chains_non_ascii_content_and_counts_a_call_once(db_url: str)
             latency_ms=1.0, started_at=row["started_at"], ended_at=row["started_at"], error_type=None,
             error_message=None, exception=None, messages=None, tools=None, mock=True, tool_calls=(), partial=False)
         p.governor.dispatch(record)
-        assert len(p.audit.frame()) == 1
+        assert len(p.audit.frame(decision=CALL_ROWS)) == 1
         assert p.budgets.status(scope="department", name="risk").iloc[0]["spent_usd"] == pytest.approx(row["cost_usd"])
         with p.mart.store.begin(write=True) as conn:
             import sqlalchemy as sa

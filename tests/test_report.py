@@ -189,13 +189,14 @@ def test_a_broken_audit_chain_is_shown(tmp_path: Path) -> None:
             for i in range(3):
                 platform.audit.append(conn, {"call_id": f"c{i}", "recorded_at": pd.Timestamp.now(tz="UTC"),
                                              "decision": "allowed", "status": "success", "cost_usd": 0.01})
-        assert "audit chain verified: 3 rows intact" in write_report(platform, tmp_path / "ok").read_text()
+        # 4: setting the budget is audited too
+        assert "audit chain verified: 4 rows intact" in write_report(platform, tmp_path / "ok").read_text()
         with platform.mart.store.begin(write=True) as conn:
             conn.execute(sa.text("UPDATE audit_log SET cost_usd = 0.0 WHERE call_id = 'c1'"))
         text = write_report(platform, tmp_path / "broken").read_text(encoding="utf-8")
     finally:
         tidyllm.uninstall()
-    assert ">BROKEN<" in text and "audit chain BROKEN at row seq=2" in text
+    assert ">BROKEN<" in text and "audit chain BROKEN at row seq=3" in text
 
 
 def test_cli_report(tmp_path: Path) -> None:

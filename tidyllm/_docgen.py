@@ -78,11 +78,16 @@ def configuration_md() -> str:
             out.append(f"| `{f.name}` | {_default(f)} | {('`' + var + '`') if var else ''} | {meaning} |")
     out += ["", "## Lists", "",
             "- `budgets:` — `{scope: org|department|user|route|model, name, limit_usd, period: day|week|month|total,"
-            " soft_threshold}`",
+            " soft_threshold, thresholds: [0.5, 0.8, 1.0]}`",
             "- `authorization:` — `{name, departments, users, sensitivity, routes, deny_routes, require_tags}`"
             " (see [governance](governance.md))",
             "- `prices:` — `{model, input_per_1m, output_per_1m, effective}` (USD per 1M tokens, effective date)",
             "- `rate_limits:` — `{scope: user|department|route, name (or \"*\" for each), rpm, tpm}`", "",
+            "Each source (the file, the environment, arguments) is validated whole before anything is opened or",
+            "written: unknown keys (with a \"did you mean\"), wrong types, non-finite numbers and bad list entries",
+            "(named by position from 0 and by name, e.g. `budgets[2] (department 'ops')`) are listed together in one",
+            "error naming the file. `tidyllm apply` applies the lists to the mart; see",
+            "[administration and alerts](operations.md#administration-and-alerts).", "",
             "The gateway routes file (`gateway_config`) has its own format: see [the gateway guide](gateway.md).", ""]
     return "\n".join(out)
 

@@ -17,6 +17,7 @@ need ``litellm``, which takes seconds to import), so ``import tidyllm.errors`` s
     │   ├── RouteNotAuthorizedError *also* ``litellm.BudgetExceededError``'s no-retry contract
     │   └── RateLimitedError        *also* no-retry; carries ``retry_after`` seconds
     ├── TokenError                  a caller token is malformed, tampered, expired or another platform's
+    ├── AdministrationError         a change to budgets, rules, prices… was refused (not an admin, no reason)
     ├── InsufficientHistoryError    too little call history to forecast load
     ├── GatewayError                an MLflow gateway cannot be started, reached or provisioned
     └── RoutingError                the router has no candidate, or the bandit got bad input
@@ -40,6 +41,7 @@ __all__ = [
     "RoutingError",
     "TokenError",
     "InsufficientHistoryError",
+    "AdministrationError",
 ]
 
 
@@ -53,6 +55,11 @@ class ConfigurationError(TidyLLMError, ValueError):
 
 class GatewayConfigError(ConfigurationError):
     """A gateway configuration file does not validate; the message names file, route and field."""
+
+
+class AdministrationError(TidyLLMError, PermissionError):
+    """A change to budgets, rules, prices, rate limits or settings was refused (the caller is not one of
+    ``governance.admins``, or gave no reason while ``require_audit`` is on); the refusal is audited."""
 
 
 class StorageError(TidyLLMError):

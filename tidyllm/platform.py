@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -38,10 +39,14 @@ class Platform:
     ``routes`` (endpoint health), ``governor``, ``gateway`` (config and endpoints).
     """
 
-    def __init__(self, settings: "Settings") -> None:
+    def __init__(self, settings: "Settings", *, apply: bool | None = None) -> None:
         from tidyllm.gateway.health import RouteHealth
+        from tidyllm.governance.admin import Administration
+        from tidyllm.governance.alerts import Alerts, sinks_from_settings
         from tidyllm.governance.audit import AuditTrail
         from tidyllm.governance.budgets import BudgetLedger
+        from tidyllm.governance.checkpoints import Checkpoints
+        from tidyllm.governance.declared import DeclaredState
         from tidyllm.governance.engine import Governor
         from tidyllm.governance.gate import Gate
         from tidyllm.governance.spool import Spool, spool_dir_for
@@ -53,6 +58,7 @@ class Platform:
 
         self.settings = settings
         gov = settings.governance
+        register_secrets(settings)
         self.mart = get_tidymart(settings)
         self.prices = PriceBook(self.mart)
         self.budgets = BudgetLedger(self.mart, timezone=gov.timezone, lease_ttl_seconds=gov.lease_ttl_seconds,
@@ -60,9 +66,12 @@ class Platform:
                                     heartbeat_seconds=gov.owner_heartbeat_seconds)
         self.policy = AuthorizationPolicy(settings.authorization)
         self.audit = AuditTrail(self.mart, capture=settings.audit.capture)
-        self.limiter = RateLimiter(settings.rate_limits)
-        self.routes = RouteHealth()
+        #: who may administer, and the audit rows of every change (tidyllm.governance.admin)
+        self.admin = Administration(self.audit, admins=gov.admins, require_reason=gov.require_audit,
+                                    authenticated=settings.mlflow_username if settings.mlflow_password else None)
+        self.budgets.admin = self.admin
         self.gateway = GatewayHandle(settings)
+        register_gateway_secrets(self.gateway.config)
         facts = {}
         if self.gateway.config is not None:
             for route in self.gateway.config.routes:
@@ -70,17 +79,18 @@ class Platform:
                 for price in route.prices:
                     self.prices.set(route.name, price.input_per_1m, price.output_per_1m, price.effective,
                                     source="gateway-config")
-        for i, raw in enumerate(settings.prices):
-            if "model" not in raw:
-                raise ConfigurationError(f"prices #{i + 1}: needs 'model', 'input_per_1m', 'output_per_1m'")
-            self.prices.set(raw["model"], raw.get("input_per_1m"), raw.get("output_per_1m"), raw.get("effective"),
-                            source="config")
-        for i, raw in enumerate(settings.budgets):
-            missing = {"scope", "name", "limit_usd"} - set(raw)
-            if missing and not (raw.get("scope") == "org" and "limit_usd" in raw):
-                raise ConfigurationError(f"budgets #{i + 1}: missing {', '.join(sorted(missing))}")
-            self.budgets.set(raw["scope"], raw.get("name", "org"), raw["limit_usd"], raw.get("period", "month"),
-                             soft_threshold=raw.get("soft_threshold"))
+        #: the declared state: plan/apply of tidyllm.yaml against the mart (tidyllm.governance.declared)
+        self.state = DeclaredState(self)
+        #: what the last apply did (None: not applied by this platform)
+        self.last_plan = None
+        if gov.apply_on_install if apply is None else apply:
+            self.last_plan = self.state.apply(reason=f"declared in {settings.source or 'the settings'}",
+                                              via="install")
+        rules = self.state.in_force("rule") if self.state.has("rule") else list(settings.authorization)
+        limits = self.state.in_force("rate_limit") if self.state.has("rate_limit") else list(settings.rate_limits)
+        self.policy = AuthorizationPolicy(rules)
+        self.limiter = RateLimiter(limits)
+        self.routes = RouteHealth()
         self.governor = Governor(self.mart, settings=gov, defaults=settings.defaults, prices=self.prices,
                                  budgets=self.budgets, policy=self.policy, audit=self.audit, limiter=self.limiter,
                                  routes=facts, gateway_api_bases=self.gateway.api_bases(), tokens=_LiteLLMTokens(),
@@ -94,6 +104,17 @@ class Platform:
         self.budgets.owners.start()
         # what dead processes on this host left: kept settlements replayed, their leases reclaimed
         self.governor.recover()
+        al = settings.alerts
+        #: budget alerts and their delivery worker (started by install(); tidyllm.governance.alerts)
+        self.alerts = Alerts(self.mart, self.budgets, thresholds=al.thresholds, forecast_hours=al.forecast_hours,
+                             sinks=sinks_from_settings(al, settings.smtp_password), retries=al.retries,
+                             backoff_seconds=al.backoff_seconds)
+        self.governor.add_listener(self._alert_listener)
+        au = settings.audit
+        #: signed checkpoints of the audit chain, kept outside the database (tidyllm.governance.checkpoints)
+        self.checkpoints = Checkpoints(self.mart, key_file=au.key_file, checkpoint_file=au.checkpoint_file,
+                                       every_rows=au.checkpoint_rows, every_minutes=au.checkpoint_minutes,
+                                       mlflow_uri=au.checkpoint_mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"))
         self.budgets.reconcile()
         self._callbacks: Any = None
         self._provider: Any = None
@@ -136,6 +157,8 @@ class Platform:
 
             self._observer = AnswerObserver(self.signals)
             self.governor.add_listener(self._observer)
+        self.alerts.start()
+        self.checkpoints.start()
 
     def _unregister(self) -> None:
         import sys
@@ -250,6 +273,11 @@ class Platform:
             return set()
         return {r.name for r in config.groups().get(judge.model, [])}
 
+    def _alert_listener(self, record: Any, admission: Any) -> None:
+        # a call finished: its spend may cross a threshold. Only wakes the worker; never blocks the call.
+        if admission is not None:
+            self.alerts.poke()
+
     def _health_listener(self, record: Any, admission: Any) -> None:
         if admission is None:
             return
@@ -313,6 +341,8 @@ class Platform:
             self.budgets.credit.return_all()
         except Exception:  # noqa: BLE001 - a closed database: the credit's lease expires
             logging.getLogger("tidyllm.governance").warning("could not give back admission credit", exc_info=True)
+        self.alerts.stop()
+        self.checkpoints.stop()
         logging.getLogger("tidyllm").removeFilter(self._filter)
 
 
@@ -334,6 +364,27 @@ class _LiteLLMTokens:
 
     def count(self, model: str, messages: Any = None, text: Any = None, tools: Any = None) -> int:
         return self._get().count(model, messages=messages, text=text, tools=tools)
+def register_secrets(settings: "Settings") -> None:
+    """Register every secret the settings hold with the redactor, before any call: the database and
+    gateway URLs' passwords, the MLflow and SMTP passwords, and the alert webhook URL (webhook URLs
+    such as Slack's are credentials themselves)."""
+    from tidyllm.redact import register_secret, register_url
+
+    register_url(settings.database_url)
+    register_url(settings.gateway_uri)
+    register_secret(settings.mlflow_password)
+    register_secret(settings.smtp_password)
+    register_secret(settings.alerts.webhook_url)
+
+
+def register_gateway_secrets(config: "GatewayConfig | None") -> None:
+    """Register the values of the credentials (``$VAR`` references) a gateway routes file names."""
+    if config is None:
+        return
+    from tidyllm.redact import register_secret
+
+    for name in config.secret_refs():
+        register_secret(os.environ.get(name))
 
 
 class GatewayHandle:

@@ -19,6 +19,7 @@ from tidyllm.errors import BudgetExceededError
 from tidyllm.gateway.simulator import Simulator
 
 from adversarial._redteam import META, MSG, assert_books_agree, books
+from govhelpers import CALL_ROWS
 from adversarial.test_forged_admission import _settled
 
 
@@ -48,7 +49,7 @@ def test_sync_completion_embedding_and_text_completion_over_budget_never_reach_t
         with pytest.raises(BudgetExceededError):
             litellm.text_completion(prompt="Summarise", model="openai/sim-gpt-small", **common)
         assert sim.stats()["total"] == 0
-        assert list(platform.audit.frame()["status"]) == ["refused"] * 4
+        assert list(platform.audit.frame(decision=CALL_ROWS)["status"]) == ["refused"] * 4
         # with room, the same calls are governed, charged and audited like any other
         platform.budgets.set("department", "risk", 1.0, "month")
         litellm.completion(model="openai/sim-gpt-small", messages=MSG, max_tokens=16, **common)
@@ -96,7 +97,7 @@ def test_jupyter_ai_magic_is_governed_with_the_notebook_identity(tmp_path: Path,
         answered = shell.run_cell_magic("ai", "simchat", "Summarise the model validation findings.")
         assert answered is not None and "Error" not in str(answered)
         _settled(platform, 1)
-        rows = platform.audit.frame()
+        rows = platform.audit.frame(decision=CALL_ROWS)
         assert list(rows["status"]) == ["refused", "success"]
         assert set(rows["user_id"]) == {"ana"} and set(rows["department"]) == {"risk"}
         call = platform.mart.frame("llm_calls", status="success").iloc[0]

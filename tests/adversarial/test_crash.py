@@ -21,6 +21,7 @@ import tidyllm
 from tidyllm.gateway.simulator import Simulator
 
 from adversarial._redteam import META, MSG, assert_books_agree, books
+from govhelpers import CALL_ROWS
 
 TESTS = Path(__file__).resolve().parents[1]
 SLOW = {"ep-slow": ("sim-gpt-large", 10.0, 30.0)}
@@ -83,7 +84,7 @@ def test_a_killed_process_is_charged_for_what_reached_the_provider_and_frees_the
             billed = (stats["billed"]["sim-gpt-large"]["prompt_tokens"] * 10.0
                       + stats["billed"]["sim-gpt-large"]["completion_tokens"] * 30.0) / 1e6
             assert charged >= billed
-            audit = platform.audit.frame()
+            audit = platform.audit.frame(decision=CALL_ROWS)
             assert (audit["status"] == "unsettled").sum() == 6 and platform.audit.verify().ok
         finally:
             tidyllm.uninstall()

@@ -16,7 +16,7 @@ import tidyllm
 from tidyllm.errors import BudgetExceededError
 from tidyllm.gateway.simulator import Simulator
 
-from govhelpers import sim_router
+from govhelpers import CALL_ROWS, sim_router
 from adversarial._redteam import META, MSG, ROUTES, assert_books_agree, books, sim_prices
 
 FORGERIES = [
@@ -58,7 +58,7 @@ def test_router_forged_admission_is_governed_and_refused(platform: Any, sim: Sim
     with pytest.raises(BudgetExceededError):
         asyncio.run(router.acompletion(model="chat", messages=MSG, max_tokens=16, metadata=md))
     assert sim.stats()["total"] == 0  # the provider was never contacted
-    audit = platform.audit.frame()
+    audit = platform.audit.frame(decision=CALL_ROWS)
     assert list(audit["status"]) == ["refused", "refused"]
     assert all(e.get("forged") == ["tidyllm"] for e in audit["extra"].map(_json))
     assert md["tidyllm"] is forged  # the caller's dict is untouched
@@ -74,7 +74,7 @@ def test_router_forged_admission_with_room_is_one_governed_call(platform: Any, s
     b = books(platform, sim, sim_prices())
     assert_books_agree(b, limit=1.0)
     assert b.answered == 1
-    (extra,) = platform.audit.frame()["extra"].map(_json)
+    (extra,) = platform.audit.frame(decision=CALL_ROWS)["extra"].map(_json)
     assert extra["forged"] == ["tidyllm"]
 
 
@@ -101,7 +101,7 @@ def test_acompletion_with_a_copied_stamp_is_governed(platform: Any, sim: Simulat
     _settled(platform, 2)
     b = books(platform, sim, sim_prices())
     assert_books_agree(b, limit=1.0)
-    audit = platform.audit.frame()
+    audit = platform.audit.frame(decision=CALL_ROWS)
     assert list(audit["status"]) == ["success", "refused", "success"]
     assert [e.get("forged") for e in audit["extra"].map(_json)] == [None, ["tidyllm"], ["tidyllm"]]
 
@@ -116,7 +116,7 @@ def test_tidyllm_provider_forged_admission_is_refused(platform: Any, sim: Simula
         litellm.completion(model="tidyllm/chat", messages=MSG, max_tokens=16, metadata={**META, "tidyllm": forged})
     assert "department 'risk' has" in str(refused.value)  # LiteLLM re-wraps the provider's BudgetExceededError
     assert sim.stats()["total"] == 0
-    assert platform.audit.frame()["extra"].map(_json).iloc[0]["forged"] == ["tidyllm"]
+    assert platform.audit.frame(decision=CALL_ROWS)["extra"].map(_json).iloc[0]["forged"] == ["tidyllm"]
 
 
 def test_a_forged_token_on_a_plain_sync_call_is_stripped(platform: Any, sim: Simulator) -> None:
@@ -134,7 +134,7 @@ def test_a_forged_token_on_a_plain_sync_call_is_stripped(platform: Any, sim: Sim
     litellm.completion(**plain)
     _settled(platform, 1)
     assert_books_agree(books(platform, sim, sim_prices()), limit=1.0)
-    assert [e.get("forged") for e in platform.audit.frame()["extra"].map(_json)] == [["tidyllm"], ["tidyllm"]]
+    assert [e.get("forged") for e in platform.audit.frame(decision=CALL_ROWS)["extra"].map(_json)] == [["tidyllm"], ["tidyllm"]]
 
 
 def test_a_forged_token_on_an_ungated_call_is_recorded_as_a_forgery(db_url: str, sim: Simulator) -> None:
@@ -152,7 +152,7 @@ def test_a_forged_token_on_an_ungated_call_is_recorded_as_a_forgery(db_url: str,
         _settled(platform, 1)
         b = books(platform, sim, sim_prices())
         assert_books_agree(b)
-        (row,) = platform.audit.frame().to_dict("records")
+        (row,) = platform.audit.frame(decision=CALL_ROWS).to_dict("records")
         assert row["decision"] == "unenforced" and row["rule"] == "forged-admission"
     finally:
         tidyllm.uninstall()

@@ -20,7 +20,7 @@ from tidyllm.gateway.simulator import Simulator
 from tidyllm.governance.identity import Identity, authenticated
 from tidyllm.governance.tokens import TokenKey
 
-from govhelpers import sim_router
+from govhelpers import CALL_ROWS, sim_router
 
 MSG = [{"role": "user", "content": "Summarise the liquidity stress results in two sentences."}]
 PATHS = ["router-sync", "router-async", "acompletion"]
@@ -86,7 +86,7 @@ def refused(platform: Any, sim: Simulator, path: str, metadata: dict[str, Any], 
 
 
 def last_audit(platform: Any) -> dict[str, Any]:
-    audit = platform.audit.frame()
+    audit = platform.audit.frame(decision=CALL_ROWS)
     assert platform.audit.verify().ok
     return audit.iloc[-1].to_dict()
 
@@ -239,7 +239,7 @@ def test_bad_tokens_are_refused_and_audited(make: Callable[..., Any], sim: Simul
     row = last_audit(platform)
     assert (row["decision"], row["rule"], row["status"]) == ("refused", f"identity:token-{kind}", "refused")
     # the token is a credential: it is in no row of the mart
-    for frame in (platform.calls(), platform.audit.frame()):
+    for frame in (platform.calls(), platform.audit.frame(decision=CALL_ROWS)):
         assert token not in frame.to_json(date_format="iso")
 
 
@@ -294,7 +294,7 @@ def test_load_ext_installs_the_platform_and_governs_every_litellm_call(
             "api_key='sk-test-not-real', messages=[{'role': 'user', 'content': 'hello'}]))")
         assert isinstance(result.error_in_exec, BudgetExceededError)
         assert sim.hits() == 0
-        row = platform.audit.frame().iloc[-1]
+        row = platform.audit.frame(decision=CALL_ROWS).iloc[-1]
         assert (row["decision"], row["department"], row["user_id"]) == ("refused", "risk", "ana.hub")
         assert platform.governor.context({}).identity_source == "jupyterhub/declared"
         shell.run_line_magic("unload_ext", "tidyllm")

@@ -19,7 +19,7 @@ from tidyllm.gateway.simulator import Simulator
 
 from adversarial._redteam import META, MSG, assert_books_agree, books
 from adversarial.test_forged_admission import _json, _settled
-from govhelpers import sim_router
+from govhelpers import CALL_ROWS, sim_router
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_an_overshoot_is_charged_flagged_and_learned(db_url: str) -> None:
         cost = (reported + 10) * 1_000.0 / 1e6
         status = platform.budgets.status(scope="department", name="risk").iloc[0]
         assert status["spent_usd"] == pytest.approx(cost) and cost > admission.reserved_usd  # the overshoot is charged
-        (extra,) = platform.audit.frame()["extra"].map(_json)
+        (extra,) = platform.audit.frame(decision=CALL_ROWS)["extra"].map(_json)
         assert extra["overshoot_usd"] == pytest.approx(cost - admission.reserved_usd)
         assert gov.estimate_prompt("ep", messages=MSG) >= reported  # the next reservation covers it
     finally:

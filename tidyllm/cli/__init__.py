@@ -18,6 +18,7 @@ from tidyllm.errors import TidyLLMError
 # so `tidyllm --help` stays fast.
 _COMMANDS = {
     "apps": ("tidyllm.cli.apps", "apps"),
+    "apply": ("tidyllm.cli.apply", "apply"),
     "audit": ("tidyllm.cli.audit", "audit"),
     "budget": ("tidyllm.cli.budget", "budget"),
     "db": ("tidyllm.cli.db", "db"),

@@ -23,10 +23,41 @@ def load(config: str | None, database_url: str | None) -> Any:
 
 
 def platform(config: str | None, database_url: str | None) -> Any:
-    """A platform for reading and administering the mart (not registered with LiteLLM)."""
+    """A platform for administering the mart (not registered with LiteLLM; the file is not applied:
+    that is `tidyllm apply`)."""
     from tidyllm.platform import Platform
 
-    return Platform(load(config, database_url))
+    return Platform(load(config, database_url), apply=False)
+
+
+class Reader:
+    """What read commands need, over a mart opened read-only: a missing path or a database that is
+    not a tidyllm mart is an error, and nothing is created or written."""
+
+    def __init__(self, settings: Any) -> None:
+        from tidyllm.governance.audit import AuditTrail
+        from tidyllm.governance.budgets import BudgetLedger
+        from tidyllm.governance.checkpoints import Checkpoints
+        from tidyllm.mart import TidyMart
+        from tidyllm.platform import register_secrets
+
+        register_secrets(settings)
+        self.settings = settings
+        self.mart = TidyMart(settings.database_url, read_only=True)
+        self.audit = AuditTrail(self.mart, capture=settings.audit.capture)
+        self.budgets = BudgetLedger(self.mart, timezone=settings.governance.timezone, credit_calls=0)
+        au = settings.audit
+        self.checkpoints = Checkpoints(self.mart, key_file=au.key_file, checkpoint_file=au.checkpoint_file,
+                                       every_rows=au.checkpoint_rows, every_minutes=au.checkpoint_minutes,
+                                       mlflow_uri=au.checkpoint_mlflow_uri)
+
+    def close(self) -> None:
+        self.mart.close()
+
+
+def reader(config: str | None, database_url: str | None) -> Reader:
+    """The mart of the settings, opened read-only."""
+    return Reader(load(config, database_url))
 
 
 def echo_frame(frame: Any) -> None:

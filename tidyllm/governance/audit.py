@@ -1,9 +1,12 @@
-"""The tamper-evident audit trail: one append-only, hash-chained row per governed call.
+"""The tamper-evident audit trail: one append-only, hash-chained row per governed call and per
+administrative change (``decision`` ``admin`` / ``admin_refused``, see :mod:`tidyllm.governance.admin`).
 
 Each row's ``digest`` is SHA-256 over the previous row's digest and the row's canonical content
 (its columns as sorted-key JSON, timestamps in UTC ISO form). The single ``audit_head`` row
 records the newest digest and the row count, so deleting the newest rows is detected too; its
-row lock serialises appends on PostgreSQL (SQLite's write lock does it there).
+row lock serialises appends on PostgreSQL (SQLite's write lock does it there). A database writer can
+recompute the chain; signed checkpoints kept outside the database (:mod:`tidyllm.governance.checkpoints`)
+are what detect that.
 """
 
 from __future__ import annotations

@@ -176,6 +176,24 @@ class Refusal:
                 f"Raise it with `tidyllm budget set {self.scope} {self.name} <usd> --period {self.period}`")
 
 
+def _alert_thresholds(value: Any) -> list[float] | None:
+    """A budget's own alert thresholds, sorted, each a fraction of the limit above 0 (None: the default)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigurationError(f"thresholds must be a list of fractions like [0.5, 0.8, 1.0], got {value!r}")
+    out = set()
+    for v in value:
+        try:
+            t = float(v)
+        except (TypeError, ValueError):
+            raise ConfigurationError(f"thresholds must be fractions like 0.8, got {v!r}") from None
+        if isinstance(v, bool) or not math.isfinite(t) or t <= 0:
+            raise ConfigurationError(f"thresholds must be fractions of the limit above 0, got {v!r}")
+        out.add(t)
+    return sorted(out)
+
+
 def window_bounds(period: str, now: dt.datetime, tz: ZoneInfo) -> tuple[dt.datetime, dt.datetime | None]:
     """UTC start and end of the ``period`` window containing ``now`` in time zone ``tz``."""
     if period == "total":
@@ -229,12 +247,20 @@ class BudgetLedger:
         #: ``(tx, lease, reason, now) -> charge``: what a reclaimed lease is charged, and the call and audit rows
         #: that say so (set by the Governor); by default the whole amount, as its call may have reached a provider
         self.reclaim_charge: Callable[[Tx, "Lease", str, dt.datetime], float] = lambda tx, lease, why, now: lease.amount
+        #: checks and audits set()/delete() (a platform's ledger; None: unaudited, for tools and tests)
+        self.admin: Any = None
 
     # --- configuration ------------------------------------------------------------------------
 
     def set(self, scope: str, name: str, limit_usd: Any, period: str = "month", *,
-            soft_threshold: Any = None) -> dict[str, Any]:
-        """Create or change the budget of ``scope`` ``name`` for ``period``; returns its row."""
+            soft_threshold: Any = None, thresholds: Any = None, reason: str | None = None,
+            actor: str | None = None, via: str = "api") -> dict[str, Any]:
+        """Create or change the budget of ``scope`` ``name`` for ``period``; returns its row.
+
+        ``thresholds`` (fractions of the limit, e.g. ``[0.5, 0.8, 1.0]``) raise alerts (docs/operations.md).
+        With :attr:`admin` set (a platform's ledger) the change is checked against ``governance.admins``
+        and audited in the same transaction: who (``actor`` or the authenticated/OS user), old → new, ``reason``.
+        """
         if scope not in SCOPES:
             raise ConfigurationError(f"unknown budget scope {scope!r}; use one of {', '.join(SCOPES)}")
         if not isinstance(name, str) or not name.strip():
@@ -258,33 +284,54 @@ class BudgetLedger:
                 raise ConfigurationError(f"soft_threshold must be a fraction like 0.8, got {soft_threshold!r}") from None
             if not 0 < threshold <= 1:
                 raise ConfigurationError(f"soft_threshold must be in (0, 1], got {soft_threshold!r}")
+        alert_at = _alert_thresholds(thresholds)
+        key = f"{scope}/{name}/{period}"
+        new = {"limit_usd": limit, "soft_threshold": threshold, "thresholds": alert_at}
+        who = self.admin.authorize("budget", key, action="set", reason=reason, actor=actor, new=new, via=via) \
+            if self.admin is not None else None
         now = utcnow()
         self.credit.return_all()  # this process's credit must not outlive a changed limit
         with self._store.begin(write=True) as conn:
             self._store.lock_for_update(conn)  # concurrent creations of one budget: one inserts, the rest update
-            row = conn.execute(sa.select(budgets.c.id).where(
+            row = conn.execute(sa.select(budgets.c.id, budgets.c.limit_usd, budgets.c.soft_threshold,
+                                         budgets.c.thresholds).where(
                 budgets.c.scope == scope, budgets.c.name == name, budgets.c.period == period)).first()
+            old = None
             if row is None:
                 budget_id = str(uuid.uuid4())
                 conn.execute(budgets.insert().values(id=budget_id, scope=scope, name=name, period=period,
-                                                     limit_usd=limit, soft_threshold=threshold,
+                                                     limit_usd=limit, soft_threshold=threshold, thresholds=alert_at,
                                                      created_at=now, updated_at=now))
             else:
                 budget_id = row[0]
+                old = {"limit_usd": row[1], "soft_threshold": row[2], "thresholds": row[3]}
                 conn.execute(budgets.update().where(budgets.c.id == budget_id).values(
-                    limit_usd=limit, soft_threshold=threshold, updated_at=now))
+                    limit_usd=limit, soft_threshold=threshold, thresholds=alert_at, updated_at=now))
+            if who is not None and old != new:
+                self.admin.record(conn, "budget", key, action="set", old=old, new=new, reason=reason, who=who[0],
+                                  source=who[1], via=via, department=name if scope == "department" else None)
         self._budgets_cache = None
         self._seen.clear()
         return {"id": budget_id, "scope": scope, "name": name, "period": period, "limit_usd": limit,
-                "soft_threshold": threshold}
+                "soft_threshold": threshold, "thresholds": alert_at}
 
-    def delete(self, scope: str, name: str, period: str = "month") -> bool:
-        """Remove a budget (its history goes with it). Returns whether it existed."""
+    def delete(self, scope: str, name: str, period: str = "month", *, reason: str | None = None,
+               actor: str | None = None, via: str = "api") -> bool:
+        """Remove a budget (its history goes with it), audited like :meth:`set`. Returns whether it existed."""
         name = _budget_name(scope, name)
+        key = f"{scope}/{name}/{period}"
+        who = self.admin.authorize("budget", key, action="delete", reason=reason, actor=actor, via=via) \
+            if self.admin is not None else None
         self.credit.return_all()
         with self._store.begin(write=True) as conn:
+            row = conn.execute(sa.select(budgets.c.limit_usd, budgets.c.soft_threshold, budgets.c.thresholds).where(
+                budgets.c.scope == scope, budgets.c.name == name, budgets.c.period == period)).first()
             result = conn.execute(budgets.delete().where(budgets.c.scope == scope, budgets.c.name == name,
                                                          budgets.c.period == period))
+            if who is not None and row is not None:
+                old = {"limit_usd": row[0], "soft_threshold": row[1], "thresholds": row[2]}
+                self.admin.record(conn, "budget", key, action="delete", old=old, new=None, reason=reason, who=who[0],
+                                  source=who[1], via=via, department=name if scope == "department" else None)
         self._budgets_cache = None
         self._seen.clear()
         return result.rowcount > 0
@@ -505,14 +552,27 @@ class BudgetLedger:
             self._seen[b["id"]] = (b["limit_usd"] - w["spent_usd"] - w["reserved_usd"] - adding, seen_at)
 
     def _warning_due(self, budget: dict[str, Any], window: dict[str, Any], adding: float) -> bool:
-        """Whether reserving ``adding`` takes a window past its soft threshold for the first time."""
+        """Whether a window's settled spend has reached its soft threshold and nothing was recorded yet.
+
+        Spend, not reservations: ``adding`` (the reservation being made) and the window's open
+        reservations do not count — an admission-credit block holds many calls' worst cases, so counting
+        them raised "passed 80 %" at a few percent of spend. The comparison is exact at the threshold."""
         if window["warned"] or not budget["limit_usd"]:
             return False
-        used = window["spent_usd"] + window["reserved_usd"] + adding
-        return used / budget["limit_usd"] >= (budget["soft_threshold"] or self.soft_threshold)
+        threshold = budget["soft_threshold"] or self.soft_threshold
+        return window["spent_usd"] >= threshold * budget["limit_usd"] * (1 - 1e-12)
+
+    def warning_due(self, budget: dict[str, Any], window: dict[str, Any]) -> bool:
+        """Whether a window's soft-threshold warning is due (spend reached it, nothing recorded yet)."""
+        return self._warning_due(budget, window, 0.0)
+
+    def warn_if_due(self, tx: Any, budget: dict[str, Any], window: dict[str, Any], now: dt.datetime) -> None:
+        """Record a window's soft-threshold warning once its spend reached it (the alert worker calls this
+        after calls settle; admissions check it too)."""
+        self._soft_warning(Tx.of(tx, self._store), budget, window, 0.0, None, now)
 
     def _soft_warning(self, tx: Tx, budget: dict[str, Any], window: dict[str, Any], adding: float,
-                      call_id: str, now: dt.datetime) -> None:
+                      call_id: str | None, now: dt.datetime) -> None:
         """Record the soft-threshold warning of a window, once: whoever flips ``warned`` first records it."""
         if not self._warning_due(budget, window, adding):
             return
@@ -520,13 +580,13 @@ class BudgetLedger:
                   start=window["window_start"]) is None:
             return
         threshold = budget["soft_threshold"] or self.soft_threshold
-        used = window["spent_usd"] + window["reserved_usd"] + adding
+        used = window["spent_usd"]
         self.record_event(tx, now, budget["id"], "soft_threshold",
                     {"scope": budget["scope"], "name": budget["name"], "period": budget["period"],
                      "limit_usd": budget["limit_usd"], "used_usd": used, "threshold": threshold,
                      "call_id": call_id})
-        log.warning("%s %r passed %.0f%% of its %s %s budget", budget["scope"], budget["name"],
-                    threshold * 100, usd(budget["limit_usd"]), budget["period"])
+        log.warning("%s %r passed %.0f%% of its %s %s budget (spent %s)", budget["scope"], budget["name"],
+                    threshold * 100, usd(budget["limit_usd"]), budget["period"], usd(used))
 
     def _add(self, tx: Tx, windows: Any, *, spent: float = 0.0, reserved: float = 0.0) -> None:
         for budget_id, start in windows:

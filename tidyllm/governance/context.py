@@ -69,7 +69,7 @@ class CallContext:
                  if k not in CONTEXT_KEYS and k != STAMP_KEY and isinstance(k, str)
                  and isinstance(v, (str, int, float)) and not isinstance(v, bool)
                  and k not in _LITELLM_OWN_KEYS and k not in _IDENTITY_KEYS
-                 and not k.startswith(_LITELLM_OWN_PREFIXES)}
+                 and not k.startswith(_LITELLM_OWN_PREFIXES) and not is_secret_key(k)}
         return cls(extra=extra, **{k: values.get(k) for k in CONTEXT_KEYS})
 
     def as_dict(self) -> dict[str, Any]:
@@ -84,6 +84,14 @@ def _error(message: str) -> Exception:
     from tidyllm.errors import MetadataError
 
     return MetadataError(message)
+
+
+def is_secret_key(key: str) -> bool:
+    """Credential-named metadata keys (``api_key``, ``token``, ...) are never caller context: they would
+    be stored in routing decisions and records (see :func:`tidyllm.redact.is_secret_key`)."""
+    from tidyllm.redact import is_secret_key as secret
+
+    return secret(key)
 
 
 # Keys LiteLLM's Router and proxy add to metadata; they are not caller context.

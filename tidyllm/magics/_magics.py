@@ -330,6 +330,10 @@ class LLMMagics(Magics):
             name = CONFIG_KEYS[key]
             value = getattr(self, name)
             shown = "" if value is None else str(value)
+            if name in ("database_url", "gateway_uri") and value is not None:
+                from tidyllm.settings import mask_url
+
+                shown = mask_url(shown)  # a URL's password is never printed into a notebook
             if value is None and name in _CONTEXT and defaults.get(_CONTEXT[name]):
                 shown = f"{defaults[_CONTEXT[name]]}  (from the platform's settings)"
             lines.append(f"  {key:<15} {shown}")

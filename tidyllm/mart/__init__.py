@@ -39,13 +39,16 @@ class TidyMart:
     upgrade:
         Bring an older schema up to date when opening (default). With ``False`` an older
         schema raises :class:`~tidyllm.errors.SchemaVersionError` naming ``tidyllm db upgrade``.
+    read_only:
+        Open for reading only (SQLite ``mode=ro``, PostgreSQL read-only transactions): a missing
+        file or a database that is not a tidyllm mart is an error, and nothing is created.
     """
 
-    def __init__(self, url: str, *, upgrade: bool = True) -> None:
+    def __init__(self, url: str, *, upgrade: bool = True, read_only: bool = False) -> None:
         from tidyllm.mart.store import Store
 
         self.url = url
-        self.store = Store(url, upgrade=upgrade)
+        self.store = Store(url, upgrade=upgrade and not read_only, read_only=read_only)
         self._optimizers: dict[str, Optimizer] = {}
         self._learners: list[Learner] = []
 
@@ -202,7 +205,11 @@ class TidyMart:
         return self.frame("outcomes", **filters)
 
     def sql(self, query: str) -> "pd.DataFrame":
-        """Run a read-only SQL query over the mart and return a DataFrame."""
+        """Run one read-only SQL query over the mart and return a DataFrame.
+
+        Read-only is enforced by the database, not by inspecting the text: SQLite runs it with
+        ``query_only`` and an authorizer that allows only reads; PostgreSQL in a read-only transaction.
+        A statement that would write raises :class:`~tidyllm.errors.StorageError` and changes nothing."""
         from tidyllm.mart.frames import read_sql
 
         return read_sql(self.store, query)

@@ -48,9 +48,21 @@ if TYPE_CHECKING:
 __all__ = ["read_frame", "read_sql"]
 
 
-def _sqlite_fetch(store: "Store", sql: str, *, by_column: bool = True) -> tuple[list[str], list[Sequence[Any]]]:
+#: what a read-only SQLite statement may do (sqlite3's authorizer action codes): read and compute, nothing else
+_READ_ACTIONS = {20, 21, 31, 33}  # SQLITE_READ, SQLITE_SELECT, SQLITE_FUNCTION, SQLITE_RECURSIVE
+
+
+def _read_only_authorizer(action: int, *args: Any) -> int:
+    import sqlite3
+
+    return sqlite3.SQLITE_OK if action in _READ_ACTIONS else sqlite3.SQLITE_DENY
+
+
+def _sqlite_fetch(store: "Store", sql: str, *, by_column: bool = True,
+                  read_only: bool = False) -> tuple[list[str], list[Sequence[Any]]]:
     """Column names and the value tuples of ``sql`` (one per column, or per row with ``by_column=False``),
-    through the pool's own ``sqlite3`` connections."""
+    through the pool's own ``sqlite3`` connections. ``read_only`` lets the statement only read
+    (``query_only`` plus an authorizer denying every write, ATTACH and PRAGMA)."""
     import sqlite3
 
     try:
@@ -61,12 +73,22 @@ def _sqlite_fetch(store: "Store", sql: str, *, by_column: bool = True) -> tuple[
     # over them, triggered every few hundred allocations, cost more than the fetch itself
     collecting = gc.isenabled()
     gc.disable()
+    driver = raw.driver_connection
     try:
         cursor = raw.cursor()
         try:
-            cursor.execute(sql)
-            names = [d[0] for d in cursor.description or ()]
-            rows = cursor.fetchall()
+            if read_only:
+                cursor.execute("PRAGMA query_only=ON")
+                driver.set_authorizer(_read_only_authorizer)
+            try:
+                cursor.execute(sql)
+                names = [d[0] for d in cursor.description or ()]
+                rows = cursor.fetchall()
+            finally:
+                if read_only:
+                    driver.set_authorizer(None)
+                    if not store.read_only:
+                        cursor.execute("PRAGMA query_only=OFF")
         finally:
             cursor.close()
         if by_column:
@@ -80,27 +102,34 @@ def _sqlite_fetch(store: "Store", sql: str, *, by_column: bool = True) -> tuple[
     return names, rows
 
 
-def _adbc_read(store: "Store", sql: str) -> "pd.DataFrame":
-    """``sql`` on PostgreSQL through ADBC, as a DataFrame with the driver's dtypes."""
+def _adbc_read(store: "Store", sql: str, *, read_only: bool = False) -> "pd.DataFrame":
+    """``sql`` on PostgreSQL through ADBC, as a DataFrame with the driver's dtypes (in a read-only
+    transaction with ``read_only``, or when the store was opened read-only)."""
     import adbc_driver_postgresql.dbapi as adbc
 
     uri = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
     try:
         with adbc.connect(uri) as conn, conn.cursor() as cur:
+            if read_only or store.read_only:
+                # one statement per execute (ADBC prepares it), so the query cannot end this transaction first
+                cur.execute("SET TRANSACTION READ ONLY")
             cur.execute(sql)
             table = cur.fetch_arrow_table()
+            if read_only or store.read_only:
+                conn.rollback()
     except Exception as exc:  # ADBC raises its own DB-API error tree; translate once, here
         raise StorageError(f"reading from {store.safe_url} failed: {exc}") from exc
     return table.to_pandas()
 
 
 def read_sql(store: "Store", sql: str) -> "pd.DataFrame":
-    """Run one SQL query and return its result as a DataFrame (dtypes as pandas infers them)."""
+    """Run one read-only SQL query and return its result as a DataFrame (dtypes as pandas infers them);
+    a statement that would write raises :class:`~tidyllm.errors.StorageError`."""
     import pandas as pd
 
     if store.dialect != "sqlite":
-        return _adbc_read(store, sql)
-    names, rows = _sqlite_fetch(store, sql, by_column=False)
+        return _adbc_read(store, sql, read_only=True)
+    names, rows = _sqlite_fetch(store, sql, by_column=False, read_only=True)
     return pd.DataFrame.from_records(rows, columns=names)
 
 

@@ -139,9 +139,11 @@ audit_log = Table(
     Column("data_sensitivity", String(50), comment="sensitivity class"),
     Column("requested_model", String(300), comment="model or group requested"),
     Column("route", String(300), comment="endpoint that served it"),
-    Column("decision", String(20), nullable=False, comment="allowed, refused or unenforced"),
+    Column("decision", String(20), nullable=False,
+           comment="allowed, refused or unenforced (calls); admin or admin_refused (administrative changes)"),
     Column("rule", String(300), comment="the rule that refused it (budget scope, authorisation rule, ...)"),
-    Column("status", String(20), nullable=False, comment="success, failure, refused, unenforced"),
+    Column("status", String(20), nullable=False,
+           comment="success, failure, refused, unenforced (calls); applied or refused (administrative changes)"),
     Column("prompt_tokens", Integer, comment="input tokens"),
     Column("completion_tokens", Integer, comment="output tokens"),
     Column("cost_usd", Float, comment="exact cost"),
@@ -154,7 +156,7 @@ audit_log = Table(
     Column("extra", _json, comment="other facts (stream outcome, price version, ...)"),
     Column("prev_digest", String(64), nullable=False, comment="digest of the previous row (chain link)"),
     Column("digest", String(64), nullable=False, comment="SHA-256 over this row's canonical content and prev_digest"),
-    comment="Append-only, hash-chained audit trail: one row per governed call.",
+    comment="Append-only, hash-chained audit trail: one row per governed call and per administrative change.",
 )
 
 audit_head = Table(
@@ -176,6 +178,8 @@ budgets = Table(
     Column("period", String(10), nullable=False, comment="day, week, month or total"),
     Column("limit_usd", Float, nullable=False, comment="hard cap per period"),
     Column("soft_threshold", Float, comment="fraction of the limit that triggers a warning event"),
+    Column("thresholds", _json,
+           comment="fractions of the limit that raise an alert (NULL: alerts.thresholds); added in 0004"),
     Column("created_at", _ts, nullable=False, comment="UTC creation time"),
     Column("updated_at", _ts, nullable=False, comment="UTC time of the last change"),
     UniqueConstraint("scope", "name", "period", name="uq_budgets_scope_name_period"),
@@ -399,6 +403,40 @@ rag_chunks = Table(
     UniqueConstraint("index_name", "document", "chunk_key", name="uq_rag_chunks_place"),
     comment="Chunks of the documents in each retrieval index, with their citations and embedding calls.",
 )
+# --- administration and alerts (migration 0004) --------------------------------------------------
+
+declared_state = Table(
+    "declared_state",
+    metadata,
+    Column("kind", String(20), primary_key=True, comment="budget, rule, price, rate_limit, route or governance"),
+    Column("key", String(400), primary_key=True,
+           comment="which one: 'department/risk/month', a rule or route name, 'model@effective', a setting"),
+    Column("file_value", _json,
+           comment="what tidyllm.yaml declared at the last apply (NULL: not in the file); drift is measured from it"),
+    Column("value", _json,
+           comment="the value in force for kinds kept only here (rules, rate limits); NULL when deleted"),
+    Column("updated_at", _ts, nullable=False, comment="UTC time of the last change"),
+    Column("updated_by", String(200), comment="who made the last change (audited in audit_log)"),
+    comment="Declared state of the administered settings: the file's last applied value and the runtime value.",
+)
+
+alert_events = Table(
+    "alert_events",
+    metadata,
+    Column("id", String(36), primary_key=True, comment="UUID of the alert"),
+    Column("at", _ts, nullable=False, comment="UTC time the alert fired"),
+    Column("budget_id", String(36), nullable=False, comment="budget concerned"),
+    Column("window_start", _ts, nullable=False, comment="UTC start of the budget window it fired in"),
+    Column("kind", String(20), nullable=False, comment="threshold (a share of the limit spent) or forecast"),
+    Column("threshold", Float, nullable=False,
+           comment="the fraction crossed (threshold) or 0 (forecast): one alert per threshold per window"),
+    Column("message", Text, nullable=False, comment="the text delivered to people"),
+    Column("data", _json, nullable=False, comment="scope, name, period, limit, spend and forecast at the time"),
+    Column("deliveries", _json, comment="per sink: delivered, failed after retries, with the last error"),
+    UniqueConstraint("budget_id", "window_start", "kind", "threshold", name="uq_alert_events_once"),
+    comment="Budget alerts: soft thresholds and forecast exhaustion, once per threshold per window.",
+)
+Index("ix_alert_events_at", alert_events.c.at)
 
 #: tables created by each migration, for ``frame()`` and the docs
 TABLES = {t.name: t for t in metadata.sorted_tables}

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["Store", "HEAD_REVISION", "utcnow", "as_utc", "dumps"]
 
 #: the newest migration this code knows; a database stamped with anything else is older or newer
-HEAD_REVISION = "0007"
-_REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007")
+HEAD_REVISION = "0008"
+_REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008")
 
 
 def utcnow() -> dt.datetime:
@@ -71,8 +71,11 @@ def dumps(value: Any) -> str:
 class Store:
     """A database connection pool plus the schema-version check. Thread-safe; one per process and URL."""
 
-    def __init__(self, url: str, *, upgrade: bool = True, echo: bool = False) -> None:
+    def __init__(self, url: str, *, upgrade: bool = True, echo: bool = False, read_only: bool = False) -> None:
         self.url = url
+        #: opened read-only: SQLite ``mode=ro`` (the file must exist), PostgreSQL read-only transactions;
+        #: a database that is not a tidyllm mart is an error and nothing is created or migrated
+        self.read_only = read_only
         self._created_dirs: list[Path] = []
         self.engine = self._make_engine(url, echo)
         self.dialect = self.engine.dialect.name
@@ -111,11 +114,22 @@ class Store:
                 raise ConfigurationError(
                     "an in-memory SQLite mart cannot be shared between connections; give a file path "
                     "(e.g. 'sqlite:///tidyllm.db')")
-            self._prepare_sqlite_path(Path(parsed.database))
+            if self.read_only:
+                path = Path(parsed.database).expanduser()
+                if not path.is_file():
+                    raise StorageError(f"no mart at {path}: nothing was created; pass --database-url (or set "
+                                       "TIDYLLM_DATABASE_URL) naming an existing mart")
+                from urllib.parse import quote
+
+                parsed = parsed.set(database=f"file:{quote(str(path.resolve()))}?mode=ro", query={"uri": "true"})
+            else:
+                self._prepare_sqlite_path(Path(parsed.database))
             kwargs["connect_args"] = {"timeout": 60, "check_same_thread": False}
         else:
             if parsed.drivername == "postgresql":
                 parsed = parsed.set(drivername="postgresql+psycopg")
+            if self.read_only:
+                kwargs["connect_args"] = {"options": "-c default_transaction_read_only=on"}
             # no pre-ping: it costs a round trip per checkout on the hot path; recycle idle connections instead
             kwargs.update(pool_size=10, max_overflow=20, pool_recycle=1800)
         try:
@@ -125,7 +139,7 @@ class Store:
                 f"the database driver for {parsed.drivername!r} is not installed; for PostgreSQL install "
                 "tidyllm[postgres]") from exc
         if backend == "sqlite":
-            _configure_sqlite(engine)
+            _configure_sqlite(engine, read_only=self.read_only)
         return engine
 
     def _prepare_sqlite_path(self, path: Path) -> None:
@@ -156,6 +170,8 @@ class Store:
     def begin(self, *, write: bool = False) -> Iterator[Connection]:
         """A transaction. ``write=True`` takes SQLite's write lock up front (``BEGIN IMMEDIATE``), so a
         read-then-write sequence cannot deadlock or be overtaken by another writer."""
+        if write and self.read_only:
+            raise StorageError(f"the mart at {self.safe_url} was opened read-only")
         try:
             with self._write_lock if write else contextlib.nullcontext(), self.engine.connect() as conn:
                 if write and self.dialect == "sqlite":
@@ -189,6 +205,8 @@ class Store:
         process's own SQLite connection (see ``_hot_connection``); anything else uses the pool."""
         from tidyllm.mart.fastsql import Tx
 
+        if write and self.read_only:
+            raise StorageError(f"the mart at {self.safe_url} was opened read-only")
         if self.dialect == "sqlite" and write:
             with self._write_lock:
                 if self._hot_busy:
@@ -294,7 +312,14 @@ class Store:
             raise StorageError(f"cannot open the mart at {self.safe_url}: {exc.orig}") from exc
         if revision == HEAD_REVISION:
             return
+        if self.read_only and revision is None:
+            raise StorageError(f"the database at {self.safe_url} is not a tidyllm mart (it has no tidyllm schema "
+                               "version); nothing was changed: point --database-url at a mart")
         self._check_revision(revision)
+        if self.read_only:
+            raise SchemaVersionError(
+                f"the mart at {self.safe_url} is at schema {revision}, this tidyllm needs {HEAD_REVISION}; "
+                "run `tidyllm db upgrade` (read commands never migrate)")
         if revision is not None and not upgrade:
             raise SchemaVersionError(
                 f"the mart at {self.safe_url} is at schema {revision}, this tidyllm needs {HEAD_REVISION}; "
@@ -340,8 +365,13 @@ class Store:
         self.engine.dispose()
 
 
-def _sqlite_pragmas(dbapi_conn: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, read_only: bool = False) -> None:
     cur = dbapi_conn.cursor()
+    if read_only:
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.execute("PRAGMA query_only=ON")
+        cur.close()
+        return
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA busy_timeout=60000")
     cur.execute("PRAGMA synchronous=NORMAL")
@@ -349,13 +379,13 @@ def _sqlite_pragmas(dbapi_conn: Any) -> None:
     cur.close()
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, read_only: bool = False) -> None:
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin (the documented recipe),
         # so BEGIN IMMEDIATE can take the write lock up front.
         dbapi_conn.isolation_level = None
-        _sqlite_pragmas(dbapi_conn)
+        _sqlite_pragmas(dbapi_conn, read_only)
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:

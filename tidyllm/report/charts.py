@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 __all__ = ["CHARTS", "render"]
 
 _WIDTH = 11.0
-_STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.titleweight": "bold", "axes.spines.top": False,
+# text.parse_math off: department, user, route and model names are user input, and a name with dollar signs
+# (mathtext) would crash the page or render as a formula; every text in the charts is plain text
+_STYLE = {"text.parse_math": False, "font.size": 9, "axes.titlesize": 10, "axes.titleweight": "bold", "axes.spines.top": False,
           "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3, "legend.fontsize": 8,
           "legend.frameon": False, "figure.facecolor": "white"}
 _STATE_COLORS = {"exhausted": "#d62728", "at risk": "#ff7f0e", "ok": "#2ca02c"}
@@ -81,11 +83,6 @@ def _usd(value: float, _pos: Any = None) -> str:
     return usd(value)
 
 
-def _text(value: str) -> str:
-    """Text for matplotlib: a pair of dollar signs would start mathtext."""
-    return value.replace("$", r"\$")
-
-
 def _naive(series: "pd.Series") -> "pd.Series":
     """UTC timestamps without a zone (matplotlib's date axis wants one convention; all times are UTC)."""
     return series.dt.tz_convert("UTC").dt.tz_localize(None)
@@ -118,7 +115,7 @@ def spend(data: "ReportData") -> bytes:
                 label="spend")
         if limit is not None:
             ax.axhline(limit, color="#d62728", ls="--", lw=1.2,
-                       label=_text(f"budget {_usd(limit)}/{budgets['period'][dept]}"))
+                       label=f"budget {_usd(limit)}/{budgets['period'][dept]}")
         ax.set_title(dept)
         ax.yaxis.set_major_formatter(FuncFormatter(_usd))
         ax.set_ylim(bottom=0)
@@ -156,7 +153,7 @@ def budget_burn(data: "ReportData") -> bytes:
         else:
             when = f"lasts the {r.period}" if r.rate_usd_per_hour > 0 else "no spend yet"
         ax.text(min(max(spent.iloc[y] + reserved.iloc[y], 0) + 2, 152), y,
-                _text(f"{_usd(r.spent_usd)} of {_usd(r.limit_usd)} · {when}"), va="center", fontsize=8)
+                f"{_usd(r.spent_usd)} of {_usd(r.limit_usd)} · {when}", va="center", fontsize=8)
     ax.set_xlim(0, 230)
     ax.set_xticks([0, 25, 50, 75, 100])
     ax.set_xlabel("% of the budget used in the current window")

@@ -74,7 +74,7 @@ def open_mart(url: str) -> "TidyMart":
         if not Path(parsed.database).expanduser().is_file():
             raise ConfigurationError(f"no mart at {url}: pass --database-url (or TIDYLLM_DATABASE_URL) naming an "
                                      "existing mart, e.g. sqlite:///tidyllm-demo/tidyllm-demo.db after `tidyllm demo`")
-    return TidyMart(url, upgrade=False)
+    return TidyMart(url, read_only=True)
 
 
 def resolve_source(source: Any, *, timezone: str = "UTC") -> tuple["TidyMart", Any, Any]:

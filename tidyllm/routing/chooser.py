@@ -36,6 +36,7 @@ from tidyllm.errors import RoutingError
 from tidyllm.mart.schema import bandit_state, call_signals, routing_decisions
 from tidyllm.mart.store import utcnow
 from tidyllm.mart.tracking import current_execution_id
+from tidyllm.redact import safe_metadata
 from tidyllm.routing.strategy import Decision
 
 if TYPE_CHECKING:
@@ -142,7 +143,8 @@ class BanditChooser:
         decision = (admission.extra or {}).get("decision") if admission is not None else None
         if not decision or decision.get("policy") != self.name:
             return
-        features = dict(decision.get("features") or {})
+        # never store a credential a caller put in metadata (the context already drops them; defence in depth)
+        features: dict[str, Any] = safe_metadata(dict(decision.get("features") or {}))  # type: ignore[assignment]
         cost = self._cost(admission, record)
         failed = not record.ok
         execution_id = execution_of(admission)
