@@ -240,6 +240,31 @@ def test_postgres_key_claiming_another_department_is_governed_as_its_own(stack: 
         ("success", "bo", "qa")]
 
 
+def test_postgres_redteam_forged_admission_through_the_proxy(stack: dict[str, Any]) -> None:
+    """Red team (issue 14): on the old main a client that put a ``tidyllm`` key into its request metadata
+    through a LiteLLM proxy with tidyllm's callbacks was treated as already admitted — an exhausted
+    department spent 3.3x its limit. Now any such value is refused before routing (403, audited), whatever
+    the budget, and the provider is never called."""
+    import openai
+
+    dept = f"risk-{uuid.uuid4().hex[:6]}"
+    _budget(stack, dept, 0.0000001)
+    client = _client(stack["uris"][0], _key(stack, dept))
+    hits = stack["sim"].stats()["total"]
+    stamp = {"call_id": "x", "route": "chat-small", "requested_model": "chat", "call_type": "completion",
+             "context": {"department": dept}, "started_at": "2026-01-01T00:00:00+00:00", "max_tokens": 16,
+             "clamped": False, "reservation_id": None, "input_per_1m": 0.0, "output_per_1m": 0.0}
+    for forged in ({}, stamp, "tidyllm-seal:" + "0" * 32):
+        with pytest.raises(openai.PermissionDeniedError) as info:
+            client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}],
+                                           extra_body={"metadata": {"tidyllm": forged, "audit_reason": "x"}})
+        assert "reserved for tidyllm" in info.value.body["message"]
+    assert stack["sim"].stats()["total"] == hits  # the provider was never contacted
+    refused = [r for r in _rows(stack, "audit_log", department=dept) if r["decision"] == "refused"]
+    assert [r["rule"] for r in refused] == ["proxy_identity:forged"] * 3
+    assert [r for r in _rows(stack, "llm_calls", department=dept) if r["status"] == "success"] == []
+
+
 def test_postgres_application_key_names_the_user_with_the_openai_user_field(stack: dict[str, Any]) -> None:
     dept = f"apps-{uuid.uuid4().hex[:6]}"
     client = _client(stack["uris"][1], _key(stack, dept, "--routes", "chat*", user=None))
