@@ -72,26 +72,38 @@ MODEL_LIST = [{"model_name": "chat",
 
 
 def _router(governed: bool, url: str | None) -> tuple[Any, Any]:
-    """(router, platform or None) — the same Router, governed or not."""
+    """(call, platform or None) — the same call, governed or not: a Router call (``--path router``) or a
+    plain sync ``litellm.completion`` (``--path sync``, governed by tidyllm's sync instrumentation)."""
     from tidyllm._litellm import import_litellm
 
     litellm = import_litellm()
+    sync = os.environ.get("TIDYLLM_BENCH_PATH") == "sync"  # set by --path
     router = litellm.Router(model_list=[dict(d) for d in MODEL_LIST], num_retries=0)
+    params = MODEL_LIST[0]["litellm_params"]
+
+    def call() -> Any:
+        if sync:
+            return litellm.completion(messages=MESSAGES, max_tokens=32, metadata=dict(META), **params)
+        return router.completion(model="chat", messages=MESSAGES, max_tokens=32, metadata=dict(META))
+
     if not governed:
-        return router, None
+        return call, None
     import tidyllm
 
     credit = os.environ.get("TIDYLLM_BENCH_CREDIT_CALLS")  # set by --credit-calls
     platform = tidyllm.install(database_url=url, routing={"strategy": "cheapest"},
                                governance={"admission_credit_calls": int(credit)} if credit else {})
     platform.prices.set(DEPLOYMENT, *PRICE_PER_1M)
+    platform.prices.set(f"openai/{DEPLOYMENT}", *PRICE_PER_1M)  # the sync call's route is the model name
     platform.budgets.set("department", "risk", 1_000_000.0, "month")
-    return platform.govern(router), platform
+    if not sync:
+        platform.govern(router)
+    return call, platform
 
 
-def _call(router: Any) -> float:
+def _call(call: Any) -> float:
     t0 = time.perf_counter()
-    router.completion(model="chat", messages=MESSAGES, max_tokens=32, metadata=dict(META))
+    call()
     return (time.perf_counter() - t0) * 1000
 
 
@@ -278,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--credit-calls", type=int, default=None, metavar="N",
                         help="governance.admission_credit_calls of the governed workers (default: tidyllm's, 32; "
                              "0 admits every call with its own write transaction)")
+    parser.add_argument("--path", choices=["router", "sync"], default="router",
+                        help="the governed Router (default), or plain sync litellm.completion governed by the "
+                             "sync instrumentation")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also cProfile N governed calls on SQLite in-process and print the top functions")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "governance.json"),
@@ -291,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.credit_calls is not None:
         os.environ["TIDYLLM_BENCH_CREDIT_CALLS"] = str(args.credit_calls)  # the workers inherit it
+    os.environ["TIDYLLM_BENCH_PATH"] = args.path
     load_before = os.getloadavg()
     results: dict[str, Any] = {"interleaved": {}, "throughput": None, "notes": [],
-                               "admission_credit_calls": args.credit_calls}
+                               "admission_credit_calls": args.credit_calls, "path": args.path}
     with tempfile.TemporaryDirectory(prefix="tidyllm-governance-bench-") as tmp:
         made = iter(range(1_000_000))
 
@@ -340,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
 
     targets = {"sqlite": 1.0, "postgresql": 2.0}
     print()
-    print(f"Router.completion with mock_response: plain vs governed, {args.calls} calls each, interleaved; "
+    what = "Router.completion" if args.path == "router" else "plain sync litellm.completion (instrumented)"
+    print(f"{what} with mock_response: plain vs governed, {args.calls} calls each, interleaved; "
           f"median over {args.rounds} round(s) (each round's added median in brackets)")
     print_header(f"{'backend':<11} {'plain med':>9} {'plain p95':>9} {'gov med':>8} {'gov p95':>8} "
                  f"{'added med':>9} {'added p95':>9} {'ratio':>6} {'target':>7}  mart check  rounds")
