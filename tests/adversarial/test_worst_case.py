@@ -103,3 +103,20 @@ def test_refusals_pickle_across_processes() -> None:
         with pytest.raises(BudgetExceededError) as refused:
             pool.submit(_refuse_in_a_worker).result()
     assert refused.value.spent_usd == 0.5 and str(refused.value) == "department 'risk' has $0.0001 left"
+
+
+@pytest.mark.parametrize("governance, says", [
+    ({"lease_ttl_seconds": 0}, "lease_ttl_seconds must be more than 0"),
+    ({"lease_ttl_seconds": -5}, "lease_ttl_seconds must be more than 0"),
+    ({"unpriced_by_department": {"risk": "maybe"}}, "must be one of refuse, allow"),
+    ({"default_max_tokens": float("nan")}, "finite"),
+])
+def test_governance_values_that_would_open_the_gate_are_configuration_errors(
+        tmp_path: Any, governance: dict[str, Any], says: str) -> None:
+    """On the old main ``lease_ttl_seconds: 0`` was accepted (and gave 195 % of the limit) and a typo in
+    ``unpriced_by_department`` let unpriced calls through at $0: they are refused at load time now."""
+    from tidyllm.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=says):
+        tidyllm.install(database_url=f"sqlite:///{tmp_path / 'm.db'}", governance=governance)
+    assert not (tmp_path / "m.db").exists()  # nothing opened or written
