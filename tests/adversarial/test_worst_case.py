@@ -120,3 +120,57 @@ def test_governance_values_that_would_open_the_gate_are_configuration_errors(
     with pytest.raises(ConfigurationError, match=says):
         tidyllm.install(database_url=f"sqlite:///{tmp_path / 'm.db'}", governance=governance)
     assert not (tmp_path / "m.db").exists()  # nothing opened or written
+
+
+PROSE = (" ".join(["The validation team reviewed the model's conceptual soundness, the quality of its development "
+                   "data, its performance on out-of-time samples and the compensating controls for its known "
+                   "limitations; the findings below list each issue with its severity and evidence."] * 22))
+
+
+def test_a_tight_worst_case_lets_the_limit_pay_for_what_it_can(db_url: str) -> None:
+    """On the old main the prompt estimate (one token per two characters) reserved 1.46x a ~1,000-token prompt:
+    with 32 calls in flight only 7 of the 10 calls a limit paid for were answered. The route's factor is
+    learned from what the provider reports, so once a few calls taught it the reservation is within a few
+    per cent of the bill — never under it — and the limit pays for (nearly) every call it can."""
+    import concurrent.futures as cf
+
+    from _fixtures import instant_profiles
+
+    profiles = instant_profiles(chat={"output_tokens": {"min": 50, "max": 50}, "error_rate": 0.0})
+    with Simulator(profiles, seed=21, latency_scale=0.0) as sim:
+        platform = tidyllm.install(database_url=db_url, routing={"strategy": "cheapest"},
+                                   governance={"admission_credit_calls": 0})
+        try:
+            router = sim_router(platform, sim.url, routes={"ep-small": ("sim-gpt-small", 10.0, 30.0)})
+            messages = [{"role": "user", "content": PROSE}]
+            platform.budgets.set("department", "risk", 10.0, "month")
+            for _ in range(6):  # a few calls teach the route's factor what its provider counts
+                router.completion(model="chat", messages=messages, max_tokens=50, metadata=dict(META))
+            _settled(platform, 6)
+            calls = platform.mart.frame("llm_calls")
+            cost = float(calls["cost_usd"].iloc[-1])
+            reserve = platform.governor.worst_case("ep-small", messages=messages, max_tokens=50)
+            prompt = int(calls["prompt_tokens"].iloc[-1])
+            assert prompt <= reserve.prompt_tokens <= 1.15 * prompt  # tight, and never under the bill
+            # a fresh department whose limit pays for exactly 10 of these calls; 32 at once
+            platform.budgets.set("department", "credit", 10 * cost, "month")
+            sim.reset_stats()
+
+            def call(_: int) -> bool:
+                try:
+                    router.completion(model="chat", messages=messages, max_tokens=50,
+                                      metadata={**META, "department": "credit"})
+                    return True
+                except BudgetExceededError:
+                    return False
+
+            with cf.ThreadPoolExecutor(32) as pool:
+                answered = sum(pool.map(call, range(32)))
+            assert answered >= 9, answered  # the old estimate let 7 through
+            _settled(platform, 6 + answered)
+            status = platform.budgets.status(scope="department", name="credit").iloc[0]
+            assert status["spent_usd"] <= 10 * cost + 1e-12
+            assert status["spent_usd"] >= 0.9 * 10 * cost  # at most a tenth of the budget left unspent
+            assert sim.stats()["total"] == answered
+        finally:
+            tidyllm.uninstall()
