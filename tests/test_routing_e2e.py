@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from typing import Any, Iterator
@@ -107,12 +108,18 @@ def test_routes_cli_status_and_evaluate(stack: LocalStack) -> None:
     url = stack.platform.settings.database_url
     args = ["--database-url", url]
     env = {"TIDYLLM_GATEWAY_URI": stack.gateway.uri, "TIDYLLM_GATEWAY_CONFIG": str(stack.gateway_config)}
+    counts = {t: len(stack.platform.mart.frame(t)) for t in ("prices", "reservations", "bandit_state",
+                                                                    "budget_events", "audit_log")}
     result = CliRunner(env=env).invoke(main, ["routes", "status", *args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "Preferred route per context" in result.output and "chat-" in result.output
     result = CliRunner(env=env).invoke(main, ["routes", "evaluate", "--bootstrap", "20", *args],
                                        catch_exceptions=False)
     assert result.exit_code == 0 and "snips" in result.output.lower()
+    # read commands write nothing (the mart is opened read-only)
+    assert {t: len(stack.platform.mart.frame(t)) for t in counts} == counts
+    missing = CliRunner(env=env).invoke(main, ["routes", "status", "--database-url", "sqlite:////tmp/no/such.db"])
+    assert missing.exit_code != 0 and not os.path.exists("/tmp/no/such.db")
 
 
 def test_enterprise_gateway_returns_the_seed_dict(stack: LocalStack) -> None:

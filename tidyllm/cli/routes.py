@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from tidyllm.cli._common import echo_frame, platform, settings_options
+from tidyllm.cli._common import Reader, echo_frame, reader, settings_options
 
 
 @click.group()
@@ -20,11 +22,33 @@ def _decisions(p):  # type: ignore[no-untyped-def]
     return frame
 
 
+class _RoutesReader:
+    """What the routes commands read, over the mart opened read-only (nothing is written)."""
+
+    def __init__(self, r: Reader) -> None:
+        from tidyllm.platform import GatewayHandle
+        from tidyllm.signals import SignalHub, parse_signals
+
+        self.settings = r.settings
+        self.mart = r.mart
+        config = GatewayHandle(r.settings).config
+        self.groups = {g: [x.name for x in members] for g, members in config.groups().items()} if config else {}
+        self.signals = SignalHub(r.mart, parse_signals(r.settings.signals))
+        self._chooser: Any = None
+
+    def chooser(self) -> Any:
+        if self._chooser is None:
+            from tidyllm.routing.chooser import BanditChooser
+
+            self._chooser = BanditChooser.for_reading(self.mart, self.settings, self.groups, self.signals)
+        return self._chooser
+
+
 @routes.command()
 @settings_options
 def status(config: str | None, database_url: str | None) -> None:
-    """Route share, mean reward and the bandit's preferred route per department and use case."""
-    p = platform(config, database_url)
+    """Route share, mean reward and the bandit's preferred route per department and use case (read-only)."""
+    p = _RoutesReader(reader(config, database_url))
     decisions = _decisions(p)
     share = (decisions.groupby(["department", "use_case", "route"], dropna=False)
              .agg(calls=("route", "size"), mean_reward=("reward", "mean")).reset_index())
@@ -63,10 +87,11 @@ def status(config: str | None, database_url: str | None) -> None:
 @click.option("--seed", default=0, show_default=True)
 @settings_options
 def evaluate(bootstrap: int, seed: int, config: str | None, database_url: str | None) -> None:
-    """Estimate (IPS, SNIPS, doubly robust) what the current bandit and each fixed route would have earned."""
+    """Estimate (IPS, SNIPS, doubly robust) what the current bandit and each fixed route would have earned
+    (read-only)."""
     from tidyllm.routing import evaluate as ope
 
-    p = platform(config, database_url)
+    p = _RoutesReader(reader(config, database_url))
     decisions = _decisions(p)
     policies: list = [route for route in sorted(decisions["route"].unique())]
     if p.settings.routing.strategy == "bandit":

@@ -76,7 +76,7 @@ class BanditChooser:
 
     def __init__(self, mart: "TidyMart", bandit: "RouteBandit", settings: "RoutingSettings",
                  groups: Mapping[str, Sequence[str]] | None = None, *, signals: "SignalHub | None" = None,
-                 route_weights: Mapping[str, float] | None = None) -> None:
+                 route_weights: Mapping[str, float] | None = None, persist: bool = True) -> None:
         self.mart = mart
         self.bandit = bandit
         self.settings = settings
@@ -94,7 +94,19 @@ class BanditChooser:
         self._last_refresh = time.monotonic()
         self._replayed_until: Any = None
         self._restore()
-        atexit.register(_save_at_exit, weakref.ref(self))
+        #: whether the bandit's state is saved to the mart (off for read-only uses: `tidyllm routes status`)
+        self.persist = persist
+        if persist:
+            atexit.register(_save_at_exit, weakref.ref(self))
+
+    @classmethod
+    def for_reading(cls, mart: "TidyMart", settings: Any, groups: Mapping[str, Sequence[str]],
+                    signals: "SignalHub | None" = None) -> "BanditChooser":
+        """The chooser as its saved state and the mart's routing decisions say, over a read-only mart: it
+        answers ``optimal_config`` and never writes (`tidyllm routes status` / `evaluate`)."""
+        chooser = cls(mart, _bandit_for(settings.routing), settings.routing, groups, signals=signals, persist=False)
+        mart.register_optimizer("gateway", chooser.optimal_config)
+        return chooser
 
     @classmethod
     def for_platform(cls, platform: "Platform") -> "BanditChooser":
@@ -102,12 +114,7 @@ class BanditChooser:
         from tidyllm.routing.bandit import RouteBandit
 
         rs = platform.settings.routing
-        bandit = RouteBandit(discount=rs.discount, floor=rs.exploration_floor,
-                             exploration_cap=max(rs.max_exploration_share, rs.exploration_floor),
-                             # a cap below the exploration floor cannot hold: the floor wins
-                             department_caps={d: (max(c, rs.exploration_floor) if c is not None else None)
-                                              for d, c in rs.exploration_share_by_department.items()} or None,
-                             random_state=rs.random_state)
+        bandit = _bandit_for(rs)
         groups = platform.gateway.config.groups() if platform.gateway.config is not None else {}
         weights = {r.name: float(r.weight) for routes in groups.values() for r in routes}
         chooser = cls(platform.mart, bandit, rs, {g: [r.name for r in routes] for g, routes in groups.items()},
@@ -277,6 +284,8 @@ class BanditChooser:
     # --- memory -----------------------------------------------------------------------------------
 
     def save(self) -> None:
+        if not self.persist:
+            return
         """Write the bandit's state to ``bandit_state`` (also done every 25 updates and at exit)."""
         try:
             with self._lock:
@@ -386,6 +395,18 @@ class WeightedChooser:
         with self._lock:
             pick = self._rng.choices(range(len(candidates)), weights=weights)[0]
         return Decision(candidates[pick], weights[pick] / total, self.name)
+
+
+def _bandit_for(rs: "RoutingSettings") -> "RouteBandit":
+    """A RouteBandit with the ``routing:`` settings."""
+    from tidyllm.routing.bandit import RouteBandit
+
+    return RouteBandit(discount=rs.discount, floor=rs.exploration_floor,
+                       exploration_cap=max(rs.max_exploration_share, rs.exploration_floor),
+                       # a cap below the exploration floor cannot hold: the floor wins
+                       department_caps={d: (max(c, rs.exploration_floor) if c is not None else None)
+                                        for d, c in rs.exploration_share_by_department.items()} or None,
+                       random_state=rs.random_state)
 
 
 def _save_at_exit(ref: "weakref.ref[BanditChooser]") -> None:
