@@ -18,7 +18,6 @@ from typing import Any, Mapping
 from _common import example_platform, use_case_body
 
 import tidyllm
-from tidyllm.governance.context import STAMP_KEY
 
 
 class MLFlowRouteOptimizer:
@@ -74,10 +73,11 @@ def main(rounds: int = 10) -> None:
                 except tidyllm.GovernanceError as exc:
                     print(f"refused: {exc}")
                     continue
-                stamp = metadata[STAMP_KEY]
+                # the row of the attempt that answered (a retry is recorded as <call id>#<n>) names its route
+                row = platform.wait_for_call(metadata["tidyllm_call_id"], last_attempt=True)
                 score = float(response.usage.tidyllm_sim_quality)
-                quality.setdefault((context["use_case"], stamp["route"]), []).append(score)
-                optimizer.update_route_performance(stamp["route"], {"call_id": stamp["call_id"], "quality": score})
+                quality.setdefault((context["use_case"], row["route"]), []).append(score)
+                optimizer.update_route_performance(row["route"], {"call_id": row["id"], "quality": score})
         print(f"\n{rounds * len(CONTEXTS)} requests through the learning router; preferred route per context:")
         print("context               before        after         confidence  mean quality seen per route")
         for context in CONTEXTS:

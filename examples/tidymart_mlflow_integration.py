@@ -17,7 +17,6 @@ from typing import Any, Mapping
 from _common import example_platform, use_case_body
 
 import tidyllm
-from tidyllm.governance.context import STAMP_KEY
 
 
 class TidyMartMLFlowIntegration:
@@ -44,10 +43,10 @@ class TidyMartMLFlowIntegration:
             response = self.router.completion(
                 model=route, messages=list(request_data["messages"]), max_tokens=request_data.get("max_tokens", 200),
                 metadata=metadata, extra_body=use_case_body(user_context.get("use_case", "qa")))
-            # the attempt that answered (a retry gets its own id) is stamped into the metadata;
-            # its exact cost is settled by LiteLLM's success callback a moment after the call returns
-            call_id = metadata[STAMP_KEY]["call_id"]
-            row = self.platform.wait_for_call(call_id)
+            # the attempt that answered (a retry is recorded as <call id>#<n>): its exact cost is settled by
+            # LiteLLM's success callback a moment after the call returns
+            row = self.platform.wait_for_call(metadata["tidyllm_call_id"], last_attempt=True)
+            call_id = row["id"]
             step = {"route_used": row["route"], "tokens_used": response.usage.total_tokens,
                     "cost_usd": row["cost_usd"], "latency_ms": row["latency_ms"]}
             tracker.record_step("mlflow_execution", step)

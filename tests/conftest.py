@@ -41,6 +41,17 @@ _LITELLM_LISTS = ("callbacks", "success_callback", "failure_callback", "_async_s
 
 
 @pytest.fixture(autouse=True)
+def _no_leaked_execution() -> Iterator[None]:
+    """A test must not leave the process inside a tracked execution: later calls would be attributed to it."""
+    yield
+    from tidyllm.mart.tracking import _current
+
+    leaked = _current.get()
+    _current.set(None)
+    assert leaked is None, f"the test left tracked execution {leaked} open in this context"
+
+
+@pytest.fixture(autouse=True)
 def _restore_litellm() -> Iterator[None]:
     """Put LiteLLM's process-global callback lists, provider map and price map back after each test."""
     # LiteLLM is imported once for the session (see below) so there is always a state to restore

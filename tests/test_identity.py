@@ -127,16 +127,24 @@ def test_declared_mode_sources_in_order(tmp_path: Path) -> None:
 
 
 def _old_mart(url: str, names: list[tuple[str, str]]) -> None:
-    """A mart stamped at revision 0003 (before 0004_identity) holding budgets named as older tidyllm stored them."""
+    """A mart at revision 0003 (before 0004_identity: made by downgrading a new one with the migrations' own
+    downgrade steps) holding budgets named as older tidyllm stored them."""
+    from alembic import command
+    from alembic.config import Config
+
     from tidyllm.mart import TidyMart
+    from tidyllm.mart import store as store_module
 
     mart = TidyMart(url)
     with mart.store.engine.begin() as conn:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(Path(store_module.__file__).with_name("migrations")))
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0003")
         for i, (scope, name) in enumerate(names):
             conn.execute(sa.text("INSERT INTO budgets (id, scope, name, period, limit_usd, created_at, updated_at) "
                                  "VALUES (:id, :scope, :name, 'month', 5.0, :now, :now)"),
                          {"id": f"b{i}", "scope": scope, "name": name, "now": "2026-12-01 00:00:00"})
-        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0003'"))
     mart.close()
 
 

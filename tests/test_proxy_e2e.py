@@ -166,7 +166,7 @@ def test_postgres_budget_held_across_two_proxies_with_429s(stack: dict[str, Any]
     from tidyllm.mart import TidyMart
 
     dept = f"risk-{uuid.uuid4().hex[:6]}"
-    assert _budget(stack, dept, 0.00004) == f"department '{dept}': $0.00004 per month\n"
+    assert _budget(stack, dept, 0.00004) == f"department '{dept}': $0.00004 per month (audited)\n"
     key = _key(stack, dept)
     clients = [_client(uri, key) for uri in stack["uris"]]
 

@@ -37,7 +37,7 @@ def test_budget_refusal_and_cli_show_sub_cent_limits(tmp_path: Path) -> None:
     assert "needs up to $0.0008." in msg
     result = CliRunner().invoke(main, ["budget", "set", "department", "risk", "0.006",
                                        "--database-url", f"sqlite:///{tmp_path / 'm.db'}"])
-    assert result.exit_code == 0 and result.output == "department 'risk': $0.006 per month\n"
+    assert result.exit_code == 0 and result.output == "department 'risk': $0.006 per month (audited)\n"
 
 
 @pytest.fixture

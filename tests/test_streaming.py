@@ -339,7 +339,7 @@ def test_a_completed_stream_settles_itself_when_litellm_loses_its_success_event(
         stack: LocalStack, dept: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """An async stream's success event is logged from a task of the caller's event loop: a loop that
     closes right away cancels it. Here it is dropped outright; the governed stream settles anyway."""
-    from tidyllm.governance import streams
+    from tidyllm.litellm_bridge import streams
 
     p = stack.platform
     monkeypatch.setattr(streams, "EVENT_GRACE_SECONDS", 0.5)

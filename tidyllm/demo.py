@@ -681,7 +681,9 @@ def _learning(platform: "Platform", simulator: Any, outcomes: Sequence[Outcome],
         prices[r.name] = (price.input_per_1m, price.output_per_1m) if price else (0.0, 0.0)
     answered = [o for o in outcomes if o.status == "ok" and o.route in model_of]
     calls = platform.mart.frame("llm_calls", columns=["id", "prompt_tokens"], id=[o.call_id for o in answered])
-    tokens = dict(zip(calls["id"], calls["prompt_tokens"]))
+    import pandas as pd
+
+    tokens = {i: int(t) for i, t in zip(calls["id"], calls["prompt_tokens"]) if not pd.isna(t)}
     gov = platform.governor
     requests = []
     for o in answered:

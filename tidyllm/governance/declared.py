@@ -247,6 +247,8 @@ class DeclaredState:
             if change.action in ("drift", "conflict"):
                 log.warning("%s", change.describe())
         with self._store.begin(write=True) as conn:
+            # processes applying the same file at once (replicas starting together) take turns here
+            self._store.lock_for_update(conn)
             now = utcnow()
             for change in plan.changes:
                 if change.winner == "file" or change.action == "conflict":
