@@ -46,6 +46,8 @@ log = logging.getLogger("tidyllm.mart")
 RUNNING_ROW_AFTER_S = 1.0
 
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("tidyllm_execution_id", default=None)
+#: the blocks open in this process, by execution id (what a block that ends hands the context back to)
+_open: dict[str, "Tracker"] = {}
 
 
 def current_execution_id() -> str | None:
@@ -124,6 +126,8 @@ class Tracker:
         self.status = "pending"
         self._on_score = on_score
         self._token: contextvars.Token[str | None] | None = None
+        #: the innermost block that was current when this one started (see _reset)
+        self._outer: "Tracker | None" = None
         self._lock = threading.Lock()
         self._t0 = 0.0
         self._started_at = utcnow()
@@ -158,6 +162,8 @@ class Tracker:
         self._t0 = time.perf_counter()
         self._started_at = utcnow()
         self.status = "running"
+        self._outer = _open.get(_current.get() or "")
+        _open[self.execution_id] = self
         self._token = _current.set(self.execution_id)
         _running_rows.add(self)
         return self
@@ -180,13 +186,18 @@ class Tracker:
             self._on_score(self, self.score)
 
     def _reset(self) -> None:
+        """Leave the block: the current execution becomes the innermost enclosing block still open (blocks
+        that overlap without nesting may end in any order), or none."""
         token, self._token = self._token, None
+        _open.pop(self.execution_id, None)
         if token is None:
             return
-        try:
-            _current.reset(token)
-        except ValueError:  # ended in another context (e.g. __aexit__ off the task): restore the outer id
-            _current.set(token.old_value if token.old_value is not contextvars.Token.MISSING else None)
+        if _current.get() != self.execution_id:
+            return  # a block that started after this one is current: it stays so
+        outer = self._outer
+        while outer is not None and outer.execution_id not in _open:
+            outer = outer._outer
+        _current.set(outer.execution_id if outer is not None else None)
 
     def __enter__(self) -> "Tracker":
         return self._start()
