@@ -127,10 +127,10 @@ class Checkpoints:
                 pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                         serialization.NoEncryption())
                 try:
-                    fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    fd: int | None = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 except FileExistsError:
-                    pass  # another process made it a moment ago: read theirs
-                else:
+                    fd = None  # another process made it a moment ago: read theirs
+                if fd is not None:
                     with os.fdopen(fd, "wb") as fh:
                         fh.write(pem)
                     log.warning("created the audit checkpoint key %s (owner-only); keep it off the database host's "
