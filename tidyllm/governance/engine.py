@@ -12,9 +12,7 @@ token counts come from the counter it is given (:mod:`tidyllm.litellm_bridge.tok
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-import math
 import threading
 import uuid
 from collections import OrderedDict
@@ -708,9 +706,9 @@ class Governor:
             updated = tx.one("llm_calls.finish", _q_finish_call, **finish)
             finished = updated is not None
             if not finished:
-                # a call whose owner was thought dead (or whose lease expired) was charged at its worst case:
-                # this is the evidence that corrects it
-                finished = self._correct_unsettled(tx, finish, rid, charge)
+                # a call whose owner was thought dead (or whose lease expired) was charged at its worst case
+                # (its row is ``unsettled``): this is the evidence that corrects it; settle() below fixes the spend
+                finished = tx.one("llm_calls.unsettled", _q_finish_unsettled, **finish) is not None
             if finished:
                 if op["settle"] and rid:
                     if op.get("charged"):
@@ -719,12 +717,6 @@ class Governor:
                         self.budgets.release(tx, rid, utcnow())
                 self.audit.append(tx, op["audit_row"])
         return finished
-
-    def _correct_unsettled(self, tx: "Tx", finish: Mapping[str, Any], rid: str | None, charge: float) -> bool:
-        """Finish a call row left ``unsettled`` (charged at its worst case when its lease was reclaimed):
-        the row gets the real outcome; :meth:`BudgetLedger.settle` corrects the spend."""
-        row = tx.one("llm_calls.unsettled", _q_finish_unsettled, **finish)
-        return row is not None
 
     def _record_credit_call(self, record: "CallRecord", admission: Admission, outcome: str | None,
                             cost: float | None, finish: dict[str, Any], audit_row: dict[str, Any]) -> bool:

@@ -35,7 +35,6 @@ import sqlalchemy as sa
 from tidyllm.errors import RoutingError
 from tidyllm.mart.schema import bandit_state, call_signals, routing_decisions
 from tidyllm.mart.store import utcnow
-from tidyllm.mart.tracking import current_execution_id
 from tidyllm.redact import safe_metadata
 from tidyllm.routing.strategy import Decision
 
@@ -111,8 +110,6 @@ class BanditChooser:
     @classmethod
     def for_platform(cls, platform: "Platform") -> "BanditChooser":
         """The chooser for ``platform``: settings from ``routing:``, wired to its governor and mart."""
-        from tidyllm.routing.bandit import RouteBandit
-
         rs = platform.settings.routing
         bandit = _bandit_for(rs)
         groups = platform.gateway.config.groups() if platform.gateway.config is not None else {}
