@@ -359,9 +359,6 @@ class _LiteLLMTokens:
             self._counter = LiteLLMTokens()
         return self._counter
 
-    def estimate_prompt(self, model: str, messages: Any = None, text: Any = None, tools: Any = None) -> int:
-        return self._get().estimate_prompt(model, messages=messages, text=text, tools=tools)
-
     def count(self, model: str, messages: Any = None, text: Any = None, tools: Any = None) -> int:
         return self._get().count(model, messages=messages, text=text, tools=tools)
 def register_secrets(settings: "Settings") -> None:

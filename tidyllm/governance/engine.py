@@ -86,8 +86,6 @@ class Admission:
 class TokenCounter(Protocol):
     """How the governor counts tokens (LiteLLM's tokenizers, through :mod:`tidyllm.litellm_bridge.tokens`)."""
 
-    def estimate_prompt(self, model: str, messages: Any = None, text: Any = None, tools: Any = None) -> int: ...
-
     def count(self, model: str, messages: Any = None, text: Any = None, tools: Any = None) -> int: ...
 
 

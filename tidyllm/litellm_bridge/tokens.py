@@ -1,4 +1,6 @@
-"""Token counts with LiteLLM's tokenizers: the governor's prompt estimate and a stream's delivered text."""
+"""Token counts with LiteLLM's tokenizers: what the worst-case estimator (tidyllm.governance.estimate) counts
+with, and a stream's delivered text. :func:`estimate_prompt_tokens` is the estimate of earlier releases, kept as
+the baseline ``bench/estimate_bench.py`` compares the estimator with."""
 
 from __future__ import annotations
 
@@ -97,9 +99,6 @@ def ordinary_encoder(model: str) -> Callable[[str], list[int]] | None:
 
 class LiteLLMTokens:
     """The token counter the governor is given: LiteLLM's tokenizer for each route."""
-
-    def estimate_prompt(self, model: str, messages: Any = None, text: Any = None, tools: Any = None) -> int:
-        return estimate_prompt_tokens(model, messages=messages, text=text, tools=tools)
 
     def count(self, model: str, messages: Any = None, text: Any = None, tools: Any = None) -> int:
         if messages is None and tools is None and isinstance(text, str):
