@@ -307,3 +307,24 @@ def test_migrations_build_exactly_the_declared_schema(db_url: str) -> None:
     assert [d for d in diffs if not str(d[0]).startswith("modify_table_comment")
             and not (isinstance(d, list) and str(d[0][0]).startswith("modify_comment"))] == []
     mart.close()
+
+
+def test_first_open_that_loses_the_race_to_another_process_opens_the_mart(db_url: str, monkeypatch: Any) -> None:
+    """Process B reads "no schema version", then process A creates the whole schema, then B goes on:
+    B must open the mart A made (the check runs again under the migration lock), not call it foreign."""
+    from tidyllm.mart.store import HEAD_REVISION, Store
+
+    TidyMart(db_url).close()  # process A, already done
+    real = Store.current_revision
+    first = [True]
+
+    def stale_then_real(self: Any, conn: Any = None) -> Any:
+        if first[0] and conn is None:
+            first[0] = False
+            return None  # what B read before A committed
+        return real(self, conn)
+
+    monkeypatch.setattr(Store, "current_revision", stale_then_real)
+    mart = TidyMart(db_url)
+    assert not first[0] and mart.store.current_revision() == HEAD_REVISION
+    mart.close()

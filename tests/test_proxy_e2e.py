@@ -209,11 +209,11 @@ def test_postgres_budget_held_across_two_proxies_with_429s(stack: dict[str, Any]
     # one line per refusal in the proxies' logs, no traceback
     logs = "".join(p.read_text() for p in stack["logs"])
     assert "Traceback" not in logs
-    assert sum(line.startswith("proxy: refused chat (HTTP 429") for line in logs.splitlines()) >= len(refused)
+    assert sum("proxy: refused chat (HTTP 429" in line for line in logs.splitlines()) >= len(refused)
     # each refusal is one line: LiteLLM's own records of it (with the refusal message) were dropped
     # (the alert sink's lines — "department … has spent 83% …" — are alerts, not refusals)
     assert f"department '{dept}' has $" not in "\n".join(
-        line for line in logs.splitlines() if not line.startswith("proxy: refused"))
+        line for line in logs.splitlines() if "proxy: refused" not in line)
 
 
 def test_postgres_key_claiming_another_department_is_governed_as_its_own(stack: dict[str, Any]) -> None:

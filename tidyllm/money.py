@@ -14,13 +14,15 @@ __all__ = ["usd"]
 
 #: significant digits shown for amounts under one dollar
 _SIGNIFICANT = 3
+#: amounts below a millionth of a cent are float residue of sums and differences, shown as zero
+_RESIDUE = 1e-12
 
 
 def usd(amount: float | int | None, decimals: int | None = None) -> str:
     """``amount`` US dollars for people to read: never "$0.00" for an amount that is not zero.
 
-    >>> [usd(x) for x in (1234.5, 50, 0.5, 0.006, 0.00523, 0.0000012, 0, -0.004)]
-    ['$1,234.50', '$50.00', '$0.50', '$0.006', '$0.00523', '$0.0000012', '$0.00', '-$0.004']
+    >>> [usd(x) for x in (1234.5, 50, 0.5, 0.006, 0.00523, 0.0000012, 0, -0.004, 0.00004 - 0.00003999999999999999)]
+    ['$1,234.50', '$50.00', '$0.50', '$0.006', '$0.00523', '$0.0000012', '$0.00', '-$0.004', '$0.00']
 
     ``None`` and NaN read "-" (no amount); infinity reads "unlimited". ``decimals`` fixes the number
     of decimals instead (to show what changed between two close amounts: $3.999989 of $4.00).
@@ -32,11 +34,11 @@ def usd(amount: float | int | None, decimals: int | None = None) -> str:
         return "-"
     if math.isinf(value):
         return "unlimited" if value > 0 else "-unlimited"
-    sign = "-" if value < 0 else ""
+    sign = "-" if value <= -_RESIDUE else ""
     value = abs(value)
     if decimals is not None:
         return f"{sign}${value:,.{decimals}f}"
-    if value == 0:
+    if value < _RESIDUE:  # float residue of sums (0.00004 - 0.00004 = 6.8e-21), not money
         return "$0.00"
     if round(value, 2) >= 1:
         return f"{sign}${value:,.2f}"

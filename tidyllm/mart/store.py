@@ -315,7 +315,9 @@ class Store:
         if self.read_only and revision is None:
             raise StorageError(f"the database at {self.safe_url} is not a tidyllm mart (it has no tidyllm schema "
                                "version); nothing was changed: point --database-url at a mart")
-        self._check_revision(revision)
+        if self.read_only or revision is not None:
+            # (a fresh database is checked again under the migration lock: another process may be creating it)
+            self._check_revision(revision)
         if self.read_only:
             raise SchemaVersionError(
                 f"the mart at {self.safe_url} is at schema {revision}, this tidyllm needs {HEAD_REVISION}; "

@@ -36,6 +36,13 @@ platform = tidyllm.install()
 #: the hooks the proxy config lists under ``litellm_settings.callbacks``
 proxy_handler_instance = ProxyGovernance(platform, KeyStore(platform.mart, platform.audit,
                                                             cache_seconds=_cache_seconds()))
+# tidyllm's own lines (one per refusal) go to stderr as they are, whatever handlers LiteLLM or MLflow add
+_handler = logging.StreamHandler()
+_handler.setFormatter(logging.Formatter("%(message)s"))
+_proxy_log = logging.getLogger("tidyllm.proxy")
+_proxy_log.addHandler(_handler)
+_proxy_log.setLevel(logging.INFO)
+_proxy_log.propagate = False
 _filter = RefusalLogFilter()
 for _name in ("LiteLLM", "LiteLLM Proxy", "LiteLLM Router", "LiteLLM Proxy.stdout"):
     # first: LiteLLM's own filters format and truncate a record (dropping the exception in its arguments)
